@@ -1,0 +1,132 @@
+"""The source stage: the model a recipe names, materialized as a save_pretrained directory.
+
+Sources: `synthetic` (a family's config with overrides and seeded random weights, optionally pretrained
+offline on a local corpus), `path` (a save_pretrained directory) and `hub` (a Hugging Face id, where
+the hub is reachable). Before any weight is allocated, the model's size is estimated on the meta
+device and the stage is refused when it would not fit in the memory that is free.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+import torch
+
+from .passes.base import PassError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+# Loading and exporting hold about three copies of the weights at once (the model, the traced graph's
+# initializers and the verification session); pretraining adds gradients and two AdamW moments.
+HEADROOM = {"load": 3.0, "pretrain": 6.0}
+
+
+def materialize(model: dict[str, Any], base_dir: Path, out_dir: Path, progress, log: Callable[[str], None]) -> dict[str, Any]:
+    source = model["source"]
+    if source == "synthetic":
+        return _synthetic(model, base_dir, out_dir, progress, log)
+    if source == "path":
+        return _from_directory(model, base_dir / model["path"], out_dir, log)
+    return _from_hub(model, out_dir, log)
+
+
+def family_config(family: str, overrides: dict[str, Any]):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.for_model(family, **overrides)
+    except (ValueError, TypeError) as exc:
+        raise PassError(f"cannot build a {family} config from {overrides}: {exc}") from None
+
+
+def check_fits(config, dtype: str, purpose: str) -> dict[str, Any]:
+    """Count parameters on the meta device and refuse before allocation when they cannot fit."""
+    parameters = count_parameters(config)
+    need = parameters * torch.tensor([], dtype=DTYPES[dtype]).element_size() * HEADROOM[purpose]
+    available = psutil.virtual_memory().available
+    if need > available:
+        raise PassError(
+            f"the model has {parameters / 1e6:,.1f}M parameters: at {dtype}, {purpose} needs about "
+            f"{need / 2**30:,.1f} GiB ({HEADROOM[purpose]:g}x the weights) but only {available / 2**30:,.1f} GiB "
+            "of memory is available; use a smaller config or a smaller dtype")
+    return {"parameters": parameters, "estimated_peak_bytes": int(need), "available_bytes": int(available)}
+
+
+def count_parameters(config) -> int:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _synthetic(model, base_dir, out_dir, progress, log) -> dict[str, Any]:
+    if "pretrain" in model:
+        from .pretrain import pretrain
+
+        config = family_config(model["family"], model["config"])
+        check_fits(config, "float32", "pretrain")
+        metrics = pretrain(model["family"], model["config"], model["seed"], model["pretrain"], base_dir, out_dir,
+                           progress, log, dtype=model["dtype"])
+        return {"source": "synthetic", "pretrained": True, **metrics}
+    from transformers import AutoModelForCausalLM
+
+    config = family_config(model["family"], model["config"])
+    fit = check_fits(config, model["dtype"], "load")
+    torch.manual_seed(model["seed"])
+    lm = AutoModelForCausalLM.from_config(config, dtype=DTYPES[model["dtype"]])
+    lm.eval()
+    lm.save_pretrained(out_dir)
+    return {"source": "synthetic", "pretrained": False, "parameters": fit["parameters"]}
+
+
+def _from_directory(model, directory: Path, out_dir: Path, log) -> dict[str, Any]:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    trust = model["trust_remote_code"]
+    if trust:
+        log(f"warning: trust_remote_code is on: Python code from {directory} will run")
+    try:
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=trust)
+    except (OSError, ValueError) as exc:
+        raise PassError(f"cannot read the model config in {directory}: {exc}") from None
+    fit = check_fits(config, model["dtype"], "load")
+    if not any(directory.glob("*.safetensors")):
+        log(f"note: {directory} has no safetensors weights; loading PyTorch weights with weights_only=True")
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES[model["dtype"]], trust_remote_code=trust)
+    except (OSError, ValueError) as exc:
+        raise PassError(f"cannot load the model in {directory}: {exc}") from None
+    lm.save_pretrained(out_dir)
+    copy_tokenizer_files(directory, out_dir)
+    return {"source": "path", "parameters": fit["parameters"]}
+
+
+def _from_hub(model, out_dir: Path, log) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    trust = model["trust_remote_code"]
+    if trust:
+        log(f"warning: trust_remote_code is on: Python code from {model['id']} will run")
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(model["id"], revision=model["revision"],
+                                                  dtype=DTYPES[model["dtype"]], trust_remote_code=trust)
+        tokenizer = AutoTokenizer.from_pretrained(model["id"], revision=model["revision"], trust_remote_code=trust)
+    except OSError as exc:
+        raise PassError(f"cannot load {model['id']}@{model['revision']} from the Hugging Face hub "
+                        f"(is it reachable from this machine?): {str(exc).splitlines()[0]}") from None
+    lm.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return {"source": "hub", "parameters": sum(p.numel() for p in lm.parameters())}
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied

@@ -1,0 +1,57 @@
+"""What a pass is: a typed parameter schema and an apply function, declared together.
+
+A stage's input and output are directories:
+- "torch": a transformers `save_pretrained` directory (config.json, model.safetensors, tokenizer files
+  when the model has a tokenizer).
+- "onnx": a variant directory (model.onnx, model.onnx.data when the weights are external,
+  artifact.json, tokenizer files).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Literal, Protocol
+
+import torch
+
+Kind = Literal["torch", "onnx"]
+
+
+class PassError(Exception):
+    """A pass could not do its job for a reason the user can act on (printed without a traceback)."""
+
+
+class Data(Protocol):
+    def calibration(self) -> torch.Tensor: ...  # int64 [samples, seq_len]
+
+    def eval(self) -> torch.Tensor: ...  # int64 [samples, seq_len]
+
+
+class Progress(Protocol):
+    def __call__(self, description: str, total: int | None) -> ContextManager[Callable[..., None]]:
+        """`with ctx.progress("training", total=steps) as advance: advance(1, loss=0.3)`."""
+
+
+@dataclass
+class StageContext:
+    stage_id: str
+    params: dict[str, Any]  # validated against the pass's schema, defaults filled
+    input_dir: Path  # the parent stage's output directory
+    output_dir: Path  # an empty directory this stage fills; moved into the cache only on success
+    recipe: dict[str, Any]  # the resolved recipe (defaults filled)
+    data: Data
+    stage_dir: Callable[[str], Path]  # output directory of an upstream stage by id ("source" = the loaded model)
+    progress: Progress
+    log: Callable[[str], None]
+    device: str = "cpu"  # "cpu" or "cuda": where the stage may compute
+
+
+@dataclass(frozen=True)
+class Pass:
+    op: str
+    consumes: Kind
+    produces: Kind
+    params: dict[str, Any]  # JSON Schema (Draft 2020-12) of the `with` mapping; "default" keywords are filled in
+    apply: Callable[[StageContext], dict[str, Any]]  # returns JSON-serializable metrics for the manifest
+    summary: str
+    uses_data: tuple[str, ...] = field(default=())  # data sections ("calibration", "eval") that enter the cache key

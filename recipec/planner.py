@@ -1,0 +1,271 @@
+"""The plan: a recipe becomes a networkx DiGraph of stages, the one source of their order.
+
+Rules (each with its own error): pass ids are unique and not reserved; `after` names an existing stage;
+the graph has no cycle; nothing that works on the PyTorch model follows an ONNX stage; an export is
+inserted wherever a path goes from the PyTorch model to an ONNX stage; every leaf is an output variant;
+`baseline` (the source model exported with default parameters) is always a variant.
+
+`after` takes an id or a list of ids: the first is the stage's input, the others only order it
+(for instance a distillation teacher) and enter its cache key.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+
+from .passes import PASSES
+from .recipe import Problem, Recipe, RecipeInvalid, format_path
+
+SOURCE = "source"
+BASELINE = "baseline"
+RESERVED = {SOURCE, BASELINE}
+QUANTIZE_BEFORE_FUSE = (
+    "quantize runs before fuse on this path: the fusion patterns match float MatMul/Add chains, "
+    "so after quantization most fusions no longer apply; put fuse first"
+)
+
+
+@dataclass
+class Stage:
+    id: str
+    op: str
+    params: dict[str, Any]
+    parents: list[str]  # the first is the input; the rest only order this stage
+    implicit: bool = False
+    variant: str | None = None  # set on output stages
+    key: str = ""
+    path: tuple = ()  # field path of the recipe entry, for messages
+
+    @property
+    def consumes(self) -> str:
+        return "none" if self.op == SOURCE else PASSES[self.op].consumes
+
+    @property
+    def produces(self) -> str:
+        return "torch" if self.op == SOURCE else PASSES[self.op].produces
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    graph: nx.DiGraph
+    order: list[str]
+    warnings: list[str] = field(default_factory=list)
+
+    def stage(self, stage_id: str) -> Stage:
+        return self.graph.nodes[stage_id]["stage"]
+
+    @property
+    def stages(self) -> list[Stage]:
+        return [self.stage(s) for s in self.order]
+
+    @property
+    def variants(self) -> dict[str, str]:
+        """variant name -> stage id, baseline first."""
+        found = {s.variant: s.id for s in self.stages if s.variant}
+        return {BASELINE: found.pop(BASELINE), **dict(sorted(found.items()))}
+
+    def to_json(self, cached: dict[str, bool] | None = None) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe.name,
+            "stages": [
+                {"id": s.id, "op": s.op, "params": s.params, "after": s.parents, "implicit": s.implicit,
+                 "variant": s.variant, "key": s.key, **({"cached": cached[s.id]} if cached else {})}
+                for s in self.stages
+            ],
+            "variants": self.variants,
+            "warnings": self.warnings,
+        }
+
+    def to_dot(self) -> str:
+        lines = [f'digraph "{self.recipe.name}" {{', "  rankdir=LR;"]
+        for s in self.stages:
+            shape = "doubleoctagon" if s.variant else ("box" if s.produces == "onnx" else "ellipse")
+            style = ',style="dashed"' if s.implicit else ""
+            label = f"{s.id}\\n{s.op}" + (f"\\n→ {s.variant}" if s.variant else "")
+            lines.append(f'  "{s.id}" [label="{label}",shape={shape}{style}];')
+        for a, b in self.graph.edges:
+            lines.append(f'  "{a}" -> "{b}";')
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+
+def plan_problems(recipe: Recipe) -> list[Problem]:
+    try:
+        build_plan(recipe)
+    except RecipeInvalid as exc:
+        return exc.problems
+    return []
+
+
+def build_plan(recipe: Recipe, versions: dict[str, str] | None = None) -> Plan:
+    """Build and check the stage graph; raises RecipeInvalid with every rule that is broken."""
+    stages, problems = _declared_stages(recipe)
+    if problems:
+        raise RecipeInvalid(str(recipe.file), problems)
+    graph = nx.DiGraph()
+    for stage in stages:
+        graph.add_node(stage.id, stage=stage)
+        for parent in stage.parents:
+            graph.add_edge(parent, stage.id)
+    problems = _cycle_problems(recipe, graph) or _kind_problems(recipe, graph)
+    if problems:
+        raise RecipeInvalid(str(recipe.file), problems)
+    _insert_exports(graph)
+    order = list(nx.lexicographical_topological_sort(graph, key=_declaration_rank(graph)))
+    plan = Plan(recipe, graph, order, _warnings(graph))
+    _mark_variants(plan)
+    problems = _gate_variant_problems(plan)
+    if problems:
+        raise RecipeInvalid(str(recipe.file), problems)
+    from .keys import assign_keys
+
+    assign_keys(plan, versions)
+    return plan
+
+
+def _declared_stages(recipe: Recipe) -> tuple[list[Stage], list[Problem]]:
+    entries = recipe.resolved["passes"]
+    problems: list[Problem] = []
+    stages = [Stage(SOURCE, SOURCE, {}, [])]
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        sid = entry["id"]
+        if sid in RESERVED:
+            problems.append(recipe.problem(("passes", i, "id"), f"{sid!r} is reserved (it names a built-in stage)"))
+        elif sid in seen:
+            problems.append(recipe.problem(("passes", i, "id"), f"duplicate id {sid!r} (first used by passes[{seen[sid]}])"))
+        seen.setdefault(sid, i)
+        previous = entries[i - 1]["id"] if i else SOURCE
+        after = entry.get("after", previous)
+        parents = [after] if isinstance(after, str) else list(dict.fromkeys(after))
+        stages.append(Stage(sid, entry["op"], entry.get("with", {}), parents, path=("passes", i)))
+    known = {SOURCE, *seen}
+    for stage in stages[1:]:
+        for j, parent in enumerate(stage.parents):
+            if parent not in known:
+                where = stage.path + ("after",) + ((j,) if isinstance(recipe.resolved["passes"][stage.path[1]].get("after"), list) else ())
+                problems.append(recipe.problem(where, f"`after` names {parent!r}, which is no pass id (known: {', '.join(sorted(known))})"))
+            elif parent == stage.id:
+                problems.append(recipe.problem(stage.path + ("after",), f"{stage.id!r} cannot come after itself"))
+    return ([] if problems else _dedupe(stages)), problems
+
+
+def _dedupe(stages: list[Stage]) -> list[Stage]:
+    return list({s.id: s for s in stages}.values())
+
+
+def _cycle_problems(recipe: Recipe, graph: nx.DiGraph) -> list[Problem]:
+    try:
+        cycle = nx.find_cycle(graph)
+    except nx.NetworkXNoCycle:
+        return []
+    names = [a for a, _ in cycle] + [cycle[0][0]]
+    first = graph.nodes[cycle[0][1]]["stage"]
+    return [recipe.problem(first.path + ("after",), f"the passes form a cycle: {' -> '.join(names)}")]
+
+
+def _kind_problems(recipe: Recipe, graph: nx.DiGraph) -> list[Problem]:
+    problems = []
+    for sid in graph.nodes:
+        stage: Stage = graph.nodes[sid]["stage"]
+        if stage.consumes != "torch":
+            continue
+        onnx_before = [a for a in nx.ancestors(graph, sid) if graph.nodes[a]["stage"].produces == "onnx"]
+        if onnx_before:
+            culprit = sorted(onnx_before, key=lambda a: graph.nodes[a]["stage"].path)[-1]
+            kind = graph.nodes[culprit]["stage"].op
+            problems.append(recipe.problem(
+                stage.path + ("op",),
+                f"{stage.op!r} works on the PyTorch model but comes after {culprit!r} ({kind}), which is an ONNX stage; "
+                "move it before the export or give it an explicit `after`"))
+    return problems
+
+
+def _insert_exports(graph: nx.DiGraph) -> None:
+    """Put an export between every PyTorch-stage output and the ONNX stages that read it, and after PyTorch leaves."""
+    from .recipe import fill_defaults
+
+    default_params = fill_defaults(PASSES["export"].params, {})
+    for sid in list(graph.nodes):
+        stage: Stage = graph.nodes[sid]["stage"]
+        if stage.produces != "torch":
+            continue
+        readers = [c for c in graph.successors(sid)
+                   if graph.nodes[c]["stage"].consumes == "onnx" and graph.nodes[c]["stage"].parents[0] == sid]
+        is_leaf = not any(graph.nodes[c]["stage"].parents[0] == sid for c in graph.successors(sid))
+        if sid == SOURCE:
+            _add_export(graph, SOURCE, BASELINE, default_params, readers)
+        elif readers or is_leaf:
+            _add_export(graph, sid, _free_id(graph, f"{sid}-export"), default_params, readers)
+
+
+def _add_export(graph: nx.DiGraph, parent: str, export_id: str, params: dict, readers: list[str]) -> None:
+    graph.add_node(export_id, stage=Stage(export_id, "export", dict(params), [parent], implicit=True))
+    graph.add_edge(parent, export_id)
+    for reader in readers:
+        stage: Stage = graph.nodes[reader]["stage"]
+        stage.parents[0] = export_id
+        graph.remove_edge(parent, reader)
+        graph.add_edge(export_id, reader)
+
+
+def _free_id(graph: nx.DiGraph, wanted: str) -> str:
+    candidate, n = wanted, 2
+    while candidate in graph:
+        candidate, n = f"{wanted}-{n}", n + 1
+    return candidate
+
+
+def _declaration_rank(graph: nx.DiGraph):
+    rank = {sid: i for i, sid in enumerate(graph.nodes)}
+    return lambda sid: f"{rank[sid]:06d}"
+
+
+def _mark_variants(plan: Plan) -> None:
+    graph = plan.graph
+    for sid in plan.order:
+        stage = plan.stage(sid)
+        primary_children = [c for c in graph.successors(sid) if plan.stage(c).parents[0] == sid]
+        if sid == BASELINE:
+            stage.variant = BASELINE
+        elif not primary_children and stage.produces == "onnx":
+            # An implicit export names its variant after the PyTorch stage it exports.
+            stage.variant = stage.parents[0] if stage.implicit else sid
+
+
+def _warnings(graph: nx.DiGraph) -> list[str]:
+    warnings = []
+    for sid in graph.nodes:
+        if graph.nodes[sid]["stage"].op != "fuse":
+            continue
+        quantized = sorted(a for a in nx.ancestors(graph, sid) if graph.nodes[a]["stage"].op == "quantize")
+        for q in quantized:
+            warnings.append(f"{q!r} -> {sid!r}: {QUANTIZE_BEFORE_FUSE}")
+    return warnings
+
+
+def _gate_variant_problems(plan: Plan) -> list[Problem]:
+    variants = set(plan.variants)
+    problems = []
+    for i, gate in enumerate(plan.recipe.resolved["gates"]):
+        name = gate.get("variant")
+        if name is not None and name not in variants:
+            problems.append(plan.recipe.problem(("gates", i, "variant"),
+                                                f"no variant {name!r} (variants: {', '.join(sorted(variants))})"))
+    return problems
+
+
+def canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+__all__ = ["Plan", "Stage", "build_plan", "plan_problems", "format_path", "SOURCE", "BASELINE"]
