@@ -57,7 +57,7 @@ def _model_section(pretrain_schema: dict[str, Any]) -> dict[str, Any]:
             "revision": {"type": "string", "default": "main"},
             "trust_remote_code": {"type": "boolean", "default": False},
             "dtype": {"enum": ["float32", "float16", "bfloat16"], "default": "float32"},
-            "pretrain": pretrain_schema,
+            "pretrain": {k: v for k, v in pretrain_schema.items() if k != "$schema"},
         },
         "allOf": [
             {"if": {"properties": {"source": {"const": "synthetic"}}}, "then": {"required": ["family"]}},
