@@ -57,3 +57,14 @@ def _plain_advance(description: str, total: int | None) -> Callable[..., None]:
 
 def _fields(fields: dict[str, object]) -> str:
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
+
+
+def quiet_libraries() -> None:
+    """transformers' own progress bars and notices would interleave with the stage lines."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()

@@ -65,6 +65,7 @@ def resolve_device(requested: str) -> str:
 
 
 def build(recipe: Recipe, options: BuildOptions) -> BuildResult:
+    console.quiet_libraries()
     plan = build_plan(recipe)
     for warning in plan.warnings:
         console.warn(warning)

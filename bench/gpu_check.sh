@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# One GPU check, at most ~8 minutes on an H100, no network:
+#   1. what is here: GPU, driver, torch, onnxruntime and its execution providers;
+#   2. if onnxruntime has CUDAExecutionProvider: `recipec build` of a mid-size synthetic llama
+#      (baseline fp32, fp16, int4), profiled on CUDA at concurrency 1 and 8, and its numbers printed;
+#   3. always: PyTorch eager fp16 on CUDA on the same config and workload, as the reference.
+# Results go to $OUT (or bench/results/gpu-<time>/): recipe, report.json/md, torch_eager.json, logs.
+# Usage: bash bench/gpu_check.sh      (from the repository root, with the venv active or at .venv)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+[ -f .venv/bin/activate ] && [ -z "${VIRTUAL_ENV:-}" ] && . .venv/bin/activate
+OUT="${OUT:-bench/results/gpu-$(date +%Y%m%d-%H%M%S)}"
+mkdir -p "$OUT"
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # nothing may reach the network
+BUILD_BUDGET_S=330  # leaves ~2.5 min for the eager reference and start-up inside 8 minutes
+
+# A ~0.4B llama: big enough that decode is bandwidth-bound on an H100, small enough to export in ~1 min.
+HIDDEN=1536 LAYERS=12 HEADS=12 KV_HEADS=4 FFN=4096 VOCAB=32000
+PROMPT=256 OUTPUT=64 REQUESTS=16
+
+echo "== environment"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || echo "nvidia-smi not found"
+python - <<'EOF'
+import importlib.metadata as md
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("device", torch.cuda.get_device_name(0))
+for dist in ("onnxruntime-gpu", "onnxruntime"):
+    try:
+        print(dist, md.version(dist))
+    except md.PackageNotFoundError:
+        print(dist, "not installed")
+try:
+    import onnxruntime as ort
+    print("onnxruntime providers", ort.get_available_providers())
+except ImportError as exc:
+    print("onnxruntime import failed:", exc)
+EOF
+
+HAS_ORT_CUDA=$(python -c "import onnxruntime as o; print(int('CUDAExecutionProvider' in o.get_available_providers()))" 2>/dev/null || echo 0)
+
+cat > "$WORK/gpu-check.yaml" <<EOF
+recipe: 1
+name: gpu-check
+description: bench/gpu_check.sh — mid-size synthetic llama, fp16 and int4 on CUDA
+model:
+  source: synthetic
+  family: llama
+  config: {hidden_size: $HIDDEN, num_hidden_layers: $LAYERS, num_attention_heads: $HEADS,
+           num_key_value_heads: $KV_HEADS, intermediate_size: $FFN, vocab_size: $VOCAB}
+  seed: 0
+data:
+  eval: {source: synthetic, samples: 4, seq_len: 128, seed: 1}
+passes:
+  - {id: fp16, op: quantize, with: {scheme: fp16}}
+  - {id: int4, op: quantize, after: source, with: {scheme: int4, block_size: 32}}
+serving:
+  device: cuda
+  batching: {policy: continuous, max_batch_size: 8}
+  workload: {prompt_tokens: $PROMPT, output_tokens: $OUTPUT, requests: $REQUESTS, warmup_requests: 2,
+             concurrency: [1, 8], arrival: closed}
+EOF
+cp "$WORK/gpu-check.yaml" "$OUT/"
+
+echo
+if [ "$HAS_ORT_CUDA" != "1" ]; then
+  echo "== ONNX path NOT MEASURED: onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu, docs/gpu.md)."
+elif ! recipec build --help >/dev/null 2>&1; then
+  echo "== ONNX path NOT MEASURED: the recipec CLI (recipec build) is not available in this checkout."
+elif ! recipec validate "$WORK/gpu-check.yaml" >"$OUT/validate.log" 2>&1; then
+  echo "== ONNX path NOT MEASURED: this checkout rejects the check's recipe:"
+  cat "$OUT/validate.log"
+else
+  echo "== recipec build on CUDA (budget ${BUILD_BUDGET_S}s)"
+  timeout "$BUILD_BUDGET_S" recipec build "$WORK/gpu-check.yaml" --out "$WORK/out" --device cuda --cache-dir "$WORK/cache" \
+      >"$OUT/build.log" 2>&1
+  rc=$?
+  tail -n 20 "$OUT/build.log"
+  cp -r "$WORK/out/gpu-check/report.json" "$WORK/out/gpu-check/report.md" "$WORK/out/gpu-check/plots" "$OUT/" 2>/dev/null
+  if [ -f "$OUT/report.json" ]; then
+    python - "$OUT/report.json" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+h = r["hardware"]
+print(f"peaks: {h['peak_bandwidth_gb_s']} GB/s ({h['peak_bandwidth_source']}), {h['peak_tflops']} TFLOP/s")
+print(f"{'variant':<10}{'conc':>5}{'TTFT p50':>10}{'TPOT p50':>10}{'out tok/s':>11}{'MBU':>8}{'MFU':>8}{'GPU MiB':>9}")
+pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"
+for name, v in r["variants"].items():
+    for run in v["serving"]:
+        print(f"{name:<10}{run.get('concurrency') or '-':>5}{run['ttft_ms']['p50']:>10.2f}{run['tpot_ms']['p50']:>10.2f}"
+              f"{run['output_throughput_tok_s']:>11.1f}{pct(run['mbu']):>8}{pct(run['mfu']):>8}{run['peak_memory_mb'] or 0:>9.0f}")
+EOF
+  else
+    echo "recipec build left no report (exit $rc); see $OUT/build.log"
+  fi
+fi
+
+echo
+echo "== PyTorch eager fp16 on CUDA (reference; same config, prompt $PROMPT, output $OUTPUT)"
+HIDDEN=$HIDDEN LAYERS=$LAYERS HEADS=$HEADS KV_HEADS=$KV_HEADS FFN=$FFN VOCAB=$VOCAB PROMPT=$PROMPT OUTPUT=$OUTPUT \
+timeout 150 python - "$OUT/torch_eager.json" <<'EOF'
+import json, os, sys, time
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, DynamicCache
+from recipec.hardware import known_gpu
+from recipec.metrics import ModelCost, decode_flops, prefill_flops
+
+if not torch.cuda.is_available():
+    sys.exit("no CUDA device: PyTorch path not measured either")
+e = {k: int(os.environ[k]) for k in ("HIDDEN", "LAYERS", "HEADS", "KV_HEADS", "FFN", "VOCAB", "PROMPT", "OUTPUT")}
+cfg = LlamaConfig(hidden_size=e["HIDDEN"], num_hidden_layers=e["LAYERS"], num_attention_heads=e["HEADS"],
+                  num_key_value_heads=e["KV_HEADS"], intermediate_size=e["FFN"], vocab_size=e["VOCAB"])
+torch.manual_seed(0)
+model = LlamaForCausalLM(cfg).to("cuda", torch.float16).eval()
+params = sum(p.numel() for p in model.parameters())
+emb = model.model.embed_tokens.weight.numel()
+hd = e["HIDDEN"] // e["HEADS"]
+cost = ModelCost(weight_bytes_per_step=2 * (params - emb), active_params=params - emb, num_layers=e["LAYERS"],
+                 num_heads=e["HEADS"], num_kv_heads=e["KV_HEADS"], head_dim=hd, kv_bytes_per_elem=2)
+spec = known_gpu(torch.cuda.get_device_name(0))
+print("peaks:", spec["source"] if spec else "unknown GPU: MBU/MFU not computed")
+
+def timed(fn):
+    torch.cuda.synchronize(); t = time.perf_counter(); out = fn(); torch.cuda.synchronize()
+    return out, time.perf_counter() - t
+
+@torch.no_grad()
+def run(batch):
+    ids = torch.randint(0, e["VOCAB"], (batch, e["PROMPT"]), device="cuda")
+    cache = DynamicCache(config=cfg)
+    out, ttft = timed(lambda: model(ids, past_key_values=cache, use_cache=True))
+    tok = out.logits[:, -1].argmax(-1, keepdim=True)
+    steps = []
+    for i in range(e["OUTPUT"] - 1):
+        out, dt = timed(lambda: model(tok, past_key_values=cache, use_cache=True))
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        steps.append(dt)
+    tpot = sum(steps) / len(steps)
+    res = {"batch": batch, "ttft_ms": ttft * 1e3, "tpot_ms": tpot * 1e3,
+           "output_throughput_tok_s": batch * e["OUTPUT"] / (ttft + sum(steps))}
+    if spec:
+        ctx = e["PROMPT"] + e["OUTPUT"] // 2  # mean context over the decode steps
+        step_bytes = cost.weight_bytes_per_step + batch * ctx * cost.kv_bytes_per_token
+        res["mbu"] = step_bytes / tpot / (spec["bw"] * 1e9)
+        flops = batch * (prefill_flops(cost, e["PROMPT"]) + sum(decode_flops(cost, e["PROMPT"] + i + 1) for i in range(e["OUTPUT"] - 1)))
+        res["mfu"] = flops / (ttft + sum(steps)) / (spec["tflops"] * 1e12)
+    return res
+
+run(1)  # warm-up: cuBLAS handles, allocator
+results = {"parameters": params, "method": "torch eager fp16, DynamicCache, batch of equal prompts, "
+           "cuda-synchronized wall time per call; MBU with mean context", "runs": [run(1), run(8)]}
+json.dump(results, open(sys.argv[1], "w"), indent=2)
+print(f"parameters {params / 1e6:.0f}M")
+for r in results["runs"]:
+    extra = f"  MBU {100 * r['mbu']:.1f}%  MFU {100 * r['mfu']:.1f}%" if "mbu" in r else ""
+    print(f"batch {r['batch']}: TTFT {r['ttft_ms']:.2f} ms  TPOT {r['tpot_ms']:.2f} ms  "
+          f"{r['output_throughput_tok_s']:.0f} tok/s{extra}")
+EOF
+echo
+echo "results in $OUT"
