@@ -119,7 +119,7 @@ def build_plan(recipe: Recipe, versions: dict[str, str] | None = None) -> Plan:
     order = list(nx.lexicographical_topological_sort(graph, key=_declaration_rank(graph)))
     plan = Plan(recipe, graph, order, _warnings(graph))
     _mark_variants(plan)
-    problems = _gate_variant_problems(plan)
+    problems = _gate_variant_problems(plan) + _pass_check_problems(plan)
     if problems:
         raise RecipeInvalid(str(recipe.file), problems)
     from .keys import assign_keys
@@ -258,6 +258,35 @@ def _gate_variant_problems(plan: Plan) -> list[Problem]:
             problems.append(plan.recipe.problem(("gates", i, "variant"),
                                                 f"no variant {name!r} (variants: {', '.join(sorted(variants))})"))
     return problems
+
+
+def _pass_check_problems(plan: Plan) -> list[Problem]:
+    from .passes.base import CheckContext
+
+    checked = [s for s in plan.stages if s.op in PASSES and PASSES[s.op].check and not s.implicit]
+    if not checked:
+        return []
+    config = _source_config(plan.recipe.resolved["model"], plan.recipe.base_dir)
+    problems = []
+    for stage in checked:
+        upstream = {a: plan.stage(a).op for a in nx.ancestors(plan.graph, stage.id)}
+        context = CheckContext(stage.id, config, upstream)
+        for where, message in PASSES[stage.op].check(stage.params, context):
+            problems.append(plan.recipe.problem(stage.path + ("with", *where), message))
+    return problems
+
+
+def _source_config(model: dict[str, Any], base_dir):
+    """The source model's config without loading weights; None where it would need the network."""
+    from transformers import AutoConfig
+
+    if model["source"] == "synthetic":
+        from .models import family_config
+
+        return family_config(model["family"], model["config"])
+    if model["source"] == "path":
+        return AutoConfig.from_pretrained(base_dir / model["path"], trust_remote_code=model["trust_remote_code"])
+    return None
 
 
 def canonical(obj: Any) -> str:

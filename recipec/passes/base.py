@@ -46,6 +46,18 @@ class StageContext:
     device: str = "cpu"  # "cpu" or "cuda": where the stage may compute
 
 
+@dataclass
+class CheckContext:
+    """What a pass's validation-time check may look at (no weights are loaded)."""
+
+    stage_id: str
+    model_config: Any  # the source model's transformers config; None where it cannot be read offline (hub)
+    upstream: dict[str, str]  # every stage that runs before this one (its ancestors, "source" included) -> op
+
+
+Check = Callable[[dict[str, Any], CheckContext], list[tuple[tuple, str]]]  # -> [(path inside `with`, message)]
+
+
 @dataclass(frozen=True)
 class Pass:
     op: str
@@ -55,3 +67,4 @@ class Pass:
     apply: Callable[[StageContext], dict[str, Any]]  # returns JSON-serializable metrics for the manifest
     summary: str
     uses_data: tuple[str, ...] = field(default=())  # data sections ("calibration", "eval") that enter the cache key
+    check: Check | None = None  # semantic checks of the parameters the schema cannot express, run by `validate`
