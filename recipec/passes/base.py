@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Literal, Protocol
 
-import torch
+if TYPE_CHECKING:  # a serving process imports this module and must not pay torch's 250 MB
+    import torch
 
 Kind = Literal["torch", "onnx"]
 
@@ -22,9 +23,9 @@ class PassError(Exception):
 
 
 class Data(Protocol):
-    def calibration(self) -> torch.Tensor: ...  # int64 [samples, seq_len]
+    def calibration(self) -> "torch.Tensor": ...  # int64 [samples, seq_len]
 
-    def eval(self) -> torch.Tensor: ...  # int64 [samples, seq_len]
+    def eval(self) -> "torch.Tensor": ...  # int64 [samples, seq_len]
 
 
 class Progress(Protocol):

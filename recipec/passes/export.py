@@ -1,0 +1,456 @@
+"""The export op: a transformers causal LM -> one ONNX decoder graph with a KV cache, checked against PyTorch.
+
+The graph serves prefill and decode alike (Optimum / onnxruntime-genai names and layout):
+  inputs   input_ids [batch_size, sequence_length] int64
+           attention_mask [batch_size, total_sequence_length] int64 (past + new tokens, 0 = padding)
+           position_ids [batch_size, sequence_length] int64 (families whose forward takes them)
+           past_key_values.{i}.key/.value [batch_size, num_kv_heads, past_sequence_length, head_dim]
+           logits_to_keep: int64 scalar, also an initializer (default 0): optional, see below
+  outputs  logits [batch_size, logits_sequence_length, vocab_size]
+           present.{i}.key/.value [batch_size, num_kv_heads, total_sequence_length, head_dim]
+
+`logits_to_keep` is an initializer listed among the graph inputs, which onnxruntime treats as an
+overridable default and leaves out of `session.get_inputs()`: consumers that feed only the standard inputs
+get the logits of every position (what quality evaluation needs), and recipec's runtime feeds 1 at
+prefill so it does not pay for the vocabulary projection of prompt positions it would throw away.
+
+docs/export.md explains the choices (TorchScript exporter, opset, eager attention, full-length cache).
+"""
+from __future__ import annotations
+
+import gc
+import inspect
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from .. import artifact as art
+from .base import Pass, PassError, StageContext
+
+# Families that the tests export, verify and generate with; others are tried and left to verification.
+TESTED_FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "mixtral", "qwen2_moe")
+# torch's TorchScript exporter stops at opset 20; 17 is the first with LayerNormalization.
+MAX_OPSET, MIN_OPSET = 20, 17
+# Trace shapes: a past and more than one new token, so that no branch specialised to an empty past or to
+# single-token decoding is recorded (transformers' mask code has such branches).
+TRACE_BATCH, TRACE_SEQ, TRACE_PAST = 2, 3, 4
+# Tensors below this size stay inside model.onnx when the weights go to external data (onnx's convention).
+INLINE_TENSOR_BYTES = 1024
+
+PARAMS: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "opset": {
+            "type": "integer", "minimum": MIN_OPSET, "maximum": MAX_OPSET, "default": MAX_OPSET,
+            "description": "ONNX opset of the graph. 20 is the newest torch's TorchScript exporter writes; "
+                           "onnxruntime 1.22+ runs it.",
+        },
+        "external_data_threshold_mb": {
+            "type": "number", "minimum": 0, "maximum": 1800, "default": 1024,
+            "description": "Weights go to model.onnx.data beside model.onnx when they total at least this many "
+                           "MiB (0 = always). The maximum keeps a single-file graph under protobuf's 2 GiB limit.",
+        },
+        "verify": {
+            "type": "boolean", "default": True,
+            "description": "Run the graph in onnxruntime against the PyTorch model on seeded random inputs "
+                           "(left-padded prefill, a decode step) and fail the stage when the logits differ.",
+        },
+        "verify_atol": {
+            "type": "number", "exclusiveMinimum": 0, "default": 1e-3,
+            "description": "Absolute tolerance: every compared logit must satisfy "
+                           "|onnx - torch| <= verify_atol + verify_rtol * |torch|.",
+        },
+        "verify_rtol": {
+            "type": "number", "minimum": 0, "default": 1e-3,
+            "description": "Relative tolerance of the verification (see verify_atol).",
+        },
+        "verify_seed": {
+            "type": "integer", "minimum": 0, "default": 0,
+            "description": "Seed of the verification's random token ids.",
+        },
+    },
+}
+
+
+def apply(ctx: StageContext) -> dict[str, Any]:
+    p = ctx.params
+    model = load_torch_model(ctx.input_dir)
+    family = model.config.model_type
+    if family not in TESTED_FAMILIES:
+        ctx.log(f"{family} is not among the families the exporter is tested with ({', '.join(TESTED_FAMILIES)}); "
+                "the verification decides whether its graph is right")
+    with ctx.progress("exporting to ONNX", total=3 if p["verify"] else 2) as advance:
+        started = time.perf_counter()
+        external = export_model(model, ctx.output_dir, opset=p["opset"],
+                                external_data_threshold_mb=p["external_data_threshold_mb"])
+        export_seconds = time.perf_counter() - started
+        advance(1)
+        art.copy_support_files(ctx.input_dir, ctx.output_dir)
+        advance(1)
+        verification = None
+        if p["verify"]:
+            verification = verify_model(model, ctx.output_dir, atol=p["verify_atol"], rtol=p["verify_rtol"],
+                                        seed=p["verify_seed"])
+            advance(1)
+    artifact = art.write_artifact_json(ctx.output_dir, ctx.input_dir, verification=verification)
+    ctx.log(f"exported {family} (opset {p['opset']}, {'external' if external else 'inline'} weights)"
+            + (f", max |Δlogits| {verification['max_abs_diff']:.2e}" if verification else ", not verified"))
+    return {"exporter": "torchscript", "opset": p["opset"], "external_data": external,
+            "logits": artifact["logits"]["mode"], "parameters": artifact["weights"]["parameters"],
+            "bytes": sum(f["bytes"] for f in artifact["files"]), "export_seconds": round(export_seconds, 3),
+            "verification": verification}
+
+
+def load_torch_model(model_dir: Path | str) -> torch.nn.Module:
+    """The model as the exporter traces it: float32, eager attention, batched MoE experts.
+
+    Eager attention exports as plain MatMul/Softmax/MatMul (SDPA's TorchScript lowering adds IsNaN/Where
+    guards for the same numbers). MoE experts must be `batched_mm`: the default per-expert loop bakes the
+    routing's split sizes into a traced graph. Half-precision checkpoints are upcast: onnxruntime's CPU
+    kernels lack bfloat16, and a float16 variant is the quantize pass's job.
+    """
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager",
+                                                     experts_implementation="batched_mm")
+    except (OSError, ValueError, KeyError) as exc:
+        raise PassError(f"cannot load a causal LM from {model_dir}: {exc}") from None
+    return model.eval()
+
+
+def export_model(model: torch.nn.Module, out_dir: Path, *, opset: int = MAX_OPSET,
+                 external_data_threshold_mb: float = 1024) -> bool:
+    """Write out_dir/model.onnx (and model.onnx.data when external); returns whether the weights are external."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    # eval() is load-bearing: torch.onnx.export restores the wrapper's training flag afterwards, recursively,
+    # and a new Module starts in training mode, which would switch the model's dropout on (gpt2's is 0.1).
+    wrapper = _DecoderWrapper(model).eval()
+    args, names = _trace_inputs(model, wrapper)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".trace-") as tmp:
+        traced = Path(tmp) / art.MODEL_FILE
+        _torchscript_export(wrapper, args, names, traced, opset, model.config.model_type)
+        # Past 2 GiB torch writes external data beside the traced file; loading gathers it before we re-save.
+        proto = onnx.load(str(traced))
+    _expose_logits_to_keep(proto)
+    _rename_folded_initializers(proto)
+    external = _save(proto, Path(out_dir), external_data_threshold_mb)
+    del proto
+    gc.collect()
+    return external
+
+
+class _DecoderWrapper(torch.nn.Module):
+    """Flat tensors in and out around the causal LM's base model and head.
+
+    It holds the base model under its own attribute name (`model`, `transformer`) and `lm_head`, so the
+    exporter names nodes as onnxruntime-genai does (`/model/layers.0/self_attn/q_proj/MatMul`), which later
+    passes match exclude patterns against.
+    """
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.prefix = lm.base_model_prefix
+        setattr(self, self.prefix, getattr(lm, self.prefix))
+        self.lm_head = lm.get_output_embeddings()
+        params = inspect.signature(getattr(lm, self.prefix).forward).parameters
+        self.has_position_ids = "position_ids" in params
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+
+    def forward(self, input_ids, attention_mask, *rest):
+        position_ids, rest = (rest[0], rest[1:]) if self.has_position_ids else (None, rest)
+        logits_to_keep, past = rest[0], rest[1:]
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, self.cache_kwarg: _cache_from(past),
+                  "use_cache": True}
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        out = getattr(self, self.prefix)(**kwargs)
+        logits = self.lm_head(_keep_last(out.last_hidden_state, logits_to_keep))
+        return (logits, *_flat_cache(_output_cache(out)))
+
+
+def _cache_from(past: tuple[torch.Tensor, ...]):
+    """A DynamicCache holding the given tensors, one plain (full-length) layer per key/value pair.
+
+    The layers are filled directly: `update()` on an empty layer concatenates a 1-D empty tensor, which
+    breaks tracing. Plain layers also for sliding-window models: a sliding layer crops what it stores, a
+    length a trace would freeze; the model's sliding-window mask gives the same logits on a full cache.
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache()
+    for key, value in zip(past[0::2], past[1::2], strict=True):
+        layer = DynamicLayer()
+        layer.keys, layer.values, layer.device, layer.is_initialized = key, value, key.device, True
+        cache.layers.append(layer)
+    return cache
+
+
+def _output_cache(out):
+    return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+
+
+def _flat_cache(cache) -> list[torch.Tensor]:
+    return [t for layer in cache.layers for t in (layer.keys, layer.values)]
+
+
+def _keep_last(hidden: torch.Tensor, logits_to_keep: torch.Tensor) -> torch.Tensor:
+    """The last `logits_to_keep` positions of hidden (all of them when it is 0), traceable: the bounds are
+    tensors computed from the hidden state's shape, never Python ints that a trace would freeze."""
+    positions = torch.arange(hidden.shape[1], device=hidden.device)
+    end = positions[-1] + 1
+    first = torch.where(logits_to_keep > 0, end - logits_to_keep, torch.zeros_like(end)).clamp(min=0)
+    return hidden.index_select(1, torch.arange(first, end, device=hidden.device))
+
+
+def _trace_inputs(model, wrapper: _DecoderWrapper) -> tuple[tuple, dict[str, list[str]]]:
+    """Example inputs with a real past (the model's own prefill), and the graph's input/output names."""
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.config.get_text_config().vocab_size
+    ids = torch.randint(0, vocab, (TRACE_BATCH, TRACE_PAST + TRACE_SEQ), generator=generator)
+    with torch.no_grad():
+        cache = _output_cache(model(input_ids=ids[:, :TRACE_PAST], use_cache=True))
+    past = _checked_past(cache, model.config.model_type)
+    mask = torch.ones(TRACE_BATCH, TRACE_PAST + TRACE_SEQ, dtype=torch.int64)
+    args: list[torch.Tensor] = [ids[:, TRACE_PAST:], mask]
+    inputs = ["input_ids", "attention_mask"]
+    if wrapper.has_position_ids:
+        args.append(torch.arange(TRACE_PAST, TRACE_PAST + TRACE_SEQ).expand(TRACE_BATCH, -1))
+        inputs.append("position_ids")
+    args.append(torch.tensor(0, dtype=torch.int64))
+    inputs.append(art.LOGITS_TO_KEEP)
+    layers = len(past) // 2
+    inputs += [name.format(i=i) for i in range(layers) for name in (art.PAST_KEY, art.PAST_VALUE)]
+    outputs = ["logits"] + [name.format(i=i) for i in range(layers) for name in (art.PRESENT_KEY, art.PRESENT_VALUE)]
+    return (*args, *past), {"inputs": inputs, "outputs": outputs}
+
+
+def _checked_past(cache, family: str) -> list[torch.Tensor]:
+    layers = getattr(cache, "layers", None)
+    if not layers or any(getattr(layer, "keys", None) is None or layer.keys.dim() != 4 for layer in layers):
+        raise PassError(f"{family} does not keep a per-layer key/value cache of [batch, heads, sequence, head_dim] "
+                        "tensors; the export supports decoder-only transformers with such a cache")
+    return _flat_cache(cache)
+
+
+def _dynamic_axes(names: dict[str, list[str]]) -> dict[str, dict[int, str]]:
+    axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},
+            "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+            "position_ids": {0: "batch_size", 1: "sequence_length"},
+            "logits": {0: "batch_size", 1: "logits_sequence_length"}}
+    for name in names["inputs"]:
+        if name.startswith("past_key_values."):
+            axes[name] = {0: "batch_size", 2: "past_sequence_length"}
+    for name in names["outputs"]:
+        if name.startswith("present."):
+            axes[name] = {0: "batch_size", 2: "total_sequence_length"}
+    return {k: v for k, v in axes.items() if k in names["inputs"] or k in names["outputs"]}
+
+
+def _torchscript_export(wrapper, args, names, path: Path, opset: int, family: str) -> None:
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # TracerWarnings name the branches frozen at the trace shapes; the verification checks the
+            # graph at other shapes, which is what those warnings ask for.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrapper, args, str(path), dynamo=False, opset_version=opset,
+                              input_names=names["inputs"], output_names=names["outputs"],
+                              dynamic_axes=_dynamic_axes(names), do_constant_folding=True)
+    except Exception as exc:  # the exporter raises many unrelated types; all mean "this model did not export"
+        raise PassError(f"torch.onnx.export (TorchScript) failed for {family}: {type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+
+
+def _expose_logits_to_keep(proto: onnx.ModelProto) -> None:
+    """Give logits_to_keep the default 0 (all positions) as an initializer and list it last among the inputs,
+    so that callers feeding only the standard inputs can run the graph."""
+    graph = proto.graph
+    graph.initializer.append(onnx.numpy_helper.from_array(np.array(0, dtype=np.int64), art.LOGITS_TO_KEEP))
+    entry = next(v for v in graph.input if v.name == art.LOGITS_TO_KEEP)
+    kept = [onnx.ValueInfoProto.FromString(v.SerializeToString()) for v in graph.input if v.name != art.LOGITS_TO_KEEP]
+    moved = onnx.ValueInfoProto.FromString(entry.SerializeToString())
+    del graph.input[:]
+    graph.input.extend(kept + [moved])
+
+
+def _rename_folded_initializers(proto: onnx.ModelProto) -> None:
+    """Name the exporter's folded constants (`onnx::MatMul_735`, numbered by the tracer) after their first
+    consumer (`model.layers.0.self_attn.q_proj.MatMul.in1`), so names are readable and stable."""
+    graph = proto.graph
+    initializers = {t.name: t for t in graph.initializer}
+    taken = set(initializers) | {v.name for v in graph.input} | {o for n in graph.node for o in n.output}
+    renames: dict[str, str] = {}
+    for node in graph.node:
+        for slot, name in enumerate(node.input):
+            if name in initializers and name.startswith("onnx::") and name not in renames:
+                renames[name] = _unique(f"{node.name.strip('/').replace('/', '.') or node.op_type}.in{slot}", taken)
+    for name, new in renames.items():
+        initializers[name].name = new
+    _rename_inputs(graph, renames)
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    candidate, n = name, 1
+    while candidate in taken:
+        candidate, n = f"{name}_{n}", n + 1
+    taken.add(candidate)
+    return candidate
+
+
+def _rename_inputs(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
+    for node in graph.node:
+        for slot, name in enumerate(node.input):
+            if name in renames:
+                node.input[slot] = renames[name]
+        for attribute in node.attribute:
+            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                _rename_inputs(sub, renames)
+
+
+def _save(proto: onnx.ModelProto, out_dir: Path, threshold_mb: float) -> bool:
+    total = sum(art.tensor_bytes(t) for t in proto.graph.initializer)
+    external = total >= threshold_mb * 2**20
+    # onnx appends to an existing data file, which would leave stale bytes behind.
+    (out_dir / art.DATA_FILE).unlink(missing_ok=True)
+    if external:
+        onnx.save_model(proto, str(out_dir / art.MODEL_FILE), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=art.DATA_FILE, size_threshold=INLINE_TENSOR_BYTES,
+                        convert_attribute=False)
+        # onnx creates the data file owner-only; give it model.onnx's permissions so a server can read both.
+        shutil.copymode(out_dir / art.MODEL_FILE, out_dir / art.DATA_FILE)
+    else:
+        onnx.save_model(proto, str(out_dir / art.MODEL_FILE))
+    return external
+
+
+# --- verification -------------------------------------------------------------------------------------
+
+VERIFY_BATCH, VERIFY_SEQ, VERIFY_PADDING = 2, 7, 3
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def verify_variant(variant_dir: Path | str, model_dir: Path | str, *, atol: float = 1e-3, rtol: float = 1e-3,
+                   seed: int = 0) -> dict[str, Any]:
+    """Check an existing variant's graph against the PyTorch model in model_dir (raises PassError on mismatch)."""
+    return verify_model(load_torch_model(model_dir), variant_dir, atol=atol, rtol=rtol, seed=seed)
+
+
+def verify_model(model: torch.nn.Module, variant_dir: Path | str, *, atol: float, rtol: float,
+                 seed: int) -> dict[str, Any]:
+    """Run the graph and the model on the same seeded inputs and compare their logits.
+
+    Three cases: a batch-2 prefill whose second row is left-padded (every unpadded position), the same
+    prefill asking for the last position only (when the graph can), and one decode step on the prefill's
+    cache. Each side continues from its own cache, as a runtime would.
+    """
+    import onnxruntime
+
+    model.eval()
+    session = _session(Path(variant_dir) / art.MODEL_FILE)
+    prefill = _prefill_case(model.config.get_text_config().vocab_size, seed, session)
+    results: dict[str, float] = {}
+    ref, ref_cache = _torch_step(model, prefill, None)
+    outs = _ort_step(session, prefill, None, "prefill")
+    valid = prefill["attention_mask"].astype(bool)
+    results["prefill"] = _compare(outs[0][valid], ref[valid], atol, rtol, "prefill (batch 2, left-padded)")
+    if art.LOGITS_TO_KEEP in {i.name for i in session.get_overridable_initializers()}:
+        last = _ort_step(session, {**prefill, art.LOGITS_TO_KEEP: np.array(1, dtype=np.int64)}, None, "prefill")
+        results["prefill_last"] = _compare(last[0][:, -1], ref[:, -1], atol, rtol, "prefill with logits_to_keep=1")
+    decode = _decode_case(prefill, seed, model.config.get_text_config().vocab_size)
+    ref, _ = _torch_step(model, decode, ref_cache)
+    outs = _ort_step(session, decode, outs[1:], "decode")
+    results["decode"] = _compare(outs[0], ref, atol, rtol, "a decode step after the padded prefill")
+    return {"onnxruntime": onnxruntime.__version__, "atol": atol, "rtol": rtol, "seed": seed,
+            **{f"{case}_max_abs_diff": diff for case, diff in results.items()},
+            "max_abs_diff": max(results.values())}
+
+
+def _session(path: Path):
+    import onnxruntime
+
+    if not path.is_file():
+        raise PassError(f"{path.parent} has no {path.name}")
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # the overridable logits_to_keep initializer draws a warning on every load
+    try:
+        return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's pybind exception types share no useful base class
+        raise PassError(f"onnxruntime cannot load {path}: {exc}") from None
+
+
+def _prefill_case(vocab: int, seed: int, session) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, (VERIFY_BATCH, VERIFY_SEQ), dtype=np.int64)
+    mask = np.ones_like(ids)
+    mask[1, :VERIFY_PADDING] = 0
+    feed = {"input_ids": ids, "attention_mask": mask}
+    if "position_ids" in {i.name for i in session.get_inputs()}:
+        feed["position_ids"] = np.maximum(mask.cumsum(-1) - 1, 0)
+    return feed
+
+
+def _decode_case(prefill: dict[str, np.ndarray], seed: int, vocab: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed + 1)
+    mask = np.concatenate([prefill["attention_mask"], np.ones((VERIFY_BATCH, 1), np.int64)], axis=1)
+    feed = {"input_ids": rng.integers(0, vocab, (VERIFY_BATCH, 1), dtype=np.int64), "attention_mask": mask}
+    if "position_ids" in prefill:
+        feed["position_ids"] = mask.sum(-1, keepdims=True) - 1
+    return feed
+
+
+def _torch_step(model, feed: dict[str, np.ndarray], cache) -> tuple[np.ndarray, Any]:
+    kwargs = {name: torch.from_numpy(value) for name, value in feed.items() if name != art.LOGITS_TO_KEEP}
+    if cache is not None:
+        kwargs["cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"] = cache
+    with torch.no_grad():
+        out = model(**kwargs, use_cache=True)
+    return out.logits.float().numpy(), _output_cache(out)
+
+
+def _ort_step(session, feed: dict[str, np.ndarray], past: list[np.ndarray] | None, case: str) -> list[np.ndarray]:
+    """logits, then the presents in the order of the past inputs they continue."""
+    inputs = {i.name: i for i in session.get_inputs()}
+    past_names = [name for name in inputs if name.startswith("past_key_values.")]
+    if past is None:
+        batch = feed["input_ids"].shape[0]
+        past = [np.zeros([batch, inputs[n].shape[1], 0, inputs[n].shape[3]], _NUMPY_TYPES[inputs[n].type])
+                for n in past_names]
+    outputs = ["logits"] + [name.replace("past_key_values.", "present.", 1) for name in past_names]
+    try:
+        return session.run(outputs, {**feed, **dict(zip(past_names, past, strict=True))})
+    except Exception as exc:  # onnxruntime's pybind exception types share no useful base class
+        raise PassError(f"export verification failed: onnxruntime could not run the graph at {case}: {exc}") from None
+
+
+def _compare(got: np.ndarray, ref: np.ndarray, atol: float, rtol: float, case: str) -> float:
+    if got.shape != ref.shape:
+        raise PassError(f"export verification failed at {case}: the graph's logits have shape {got.shape}, "
+                        f"PyTorch's {ref.shape}: the variant was not exported from this model")
+    diff = np.abs(got.astype(np.float64) - ref)
+    worst = float(diff.max()) if np.isfinite(diff).all() else float("inf")
+    if not np.all(diff <= atol + rtol * np.abs(ref)):
+        raise PassError(
+            f"export verification failed at {case}: max |Δlogits| = {worst:.3g} between onnxruntime and PyTorch "
+            f"exceeds the tolerance verify_atol {atol:g} + verify_rtol {rtol:g} x |logit|. The ONNX graph does not "
+            "compute what the model computes (see docs/export.md); raise the tolerances only if the difference "
+            "is rounding noise")
+    return worst
+
+
+PASS = Pass(
+    op="export",
+    consumes="torch",
+    produces="onnx",
+    params=PARAMS,
+    apply=apply,
+    summary="one decoder graph with a KV cache, verified against PyTorch (docs/export.md)",
+)

@@ -1,0 +1,179 @@
+"""The export op: every family exports and verifies, artifact.json describes the graph, exports are
+byte-identical, and the verification catches a graph that computes something else."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import jsonschema
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+from onnx import numpy_helper
+
+from recipec import artifact as art
+from recipec.passes import PASSES, PassError
+from recipec.passes.export import PARAMS, TESTED_FAMILIES, verify_variant
+
+
+def _session(variant_dir):
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    return onnxruntime.InferenceSession(str(variant_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
+
+
+def test_params_schema_is_strict_and_documented():
+    jsonschema.Draft202012Validator.check_schema(PARAMS)
+    assert PARAMS["additionalProperties"] is False
+    for name, spec in PARAMS["properties"].items():
+        assert "default" in spec and spec.get("description"), name
+    validator = jsonschema.Draft202012Validator(PARAMS)
+    defaults = {name: spec["default"] for name, spec in PARAMS["properties"].items()}
+    assert not list(validator.iter_errors(defaults))
+    assert list(validator.iter_errors({"opsett": 18})), "an unknown key must be rejected"
+    assert list(validator.iter_errors({"opset": 21})), "the TorchScript exporter stops at opset 20"
+    assert PASSES["export"].consumes == "torch" and PASSES["export"].produces == "onnx"
+
+
+@pytest.mark.parametrize("family", TESTED_FAMILIES)
+def test_each_family_exports_and_verifies(family, exported):
+    variant, metrics = exported(family)
+    v = metrics["verification"]
+    assert set(v) >= {"prefill_max_abs_diff", "prefill_last_max_abs_diff", "decode_max_abs_diff", "onnxruntime"}
+    assert v["max_abs_diff"] < 1e-4 and v["atol"] == 1e-3 and v["onnxruntime"] == onnxruntime.__version__
+    assert metrics["exporter"] == "torchscript" and metrics["opset"] == 20 and metrics["logits"] == "selectable"
+    json.dumps(metrics)  # the manifest stores it
+    proto = onnx.load(str(variant / "model.onnx"), load_external_data=False)
+    onnx.checker.check_model(proto, full_check=True)
+    assert [o.version for o in proto.opset_import if o.domain == ""] == [20]
+
+
+def test_node_names_follow_module_paths(exported):
+    names = {n.name for n in onnx.load(str(exported("llama")[0] / "model.onnx")).graph.node}
+    assert "/model/layers.0/self_attn/q_proj/MatMul" in names and "/lm_head/MatMul" in names
+    inits = [t.name for t in onnx.load(str(exported("llama")[0] / "model.onnx")).graph.initializer]
+    assert not [n for n in inits if n.startswith("onnx::")], "folded constants keep tracer-numbered names"
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_artifact_json_matches_graph(family, exported, tiny_model_dir):
+    variant, _ = exported(family)
+    a = art.read_artifact(variant)
+    session = _session(variant)
+    dtypes = {"tensor(float)": "float32", "tensor(int64)": "int64"}
+    assert [(i["name"], i["dtype"], i["shape"]) for i in a["graph"]["inputs"]] == \
+           [(i.name, dtypes[i.type], i.shape) for i in session.get_inputs()]
+    outputs = [(o.name, o.shape) for o in session.get_outputs()]
+    assert [(o["name"], o["shape"]) for o in a["graph"]["outputs"]] == outputs
+    assert a["graph"]["optional_inputs"] == [{"name": "logits_to_keep", "dtype": "int64", "shape": [], "default": 0}]
+    config = json.loads((tiny_model_dir(family) / "config.json").read_text())
+    assert a["kv_cache"]["num_layers"] == config["num_hidden_layers"]
+    assert a["kv_cache"]["num_kv_heads"] == config["num_key_value_heads"]
+    assert a["kv_cache"]["head_dim"] == config["hidden_size"] // config["num_attention_heads"]
+    assert a["model"]["model_type"] == family and a["model"]["vocab_size"] == config["vocab_size"]
+    assert a["model"]["eos_token_id"] == config["eos_token_id"]
+    arrays = [numpy_helper.to_array(t) for t in onnx.load(str(variant / "model.onnx")).graph.initializer]
+    weights = [x for x in arrays if x.dtype == np.float32 and x.ndim > 0]
+    assert a["weights"]["parameters"] == sum(x.size for x in weights)
+    assert a["weights"]["bytes"] == sum(x.nbytes for x in arrays)
+    assert {f["name"] for f in a["files"]} == {p.name for p in variant.iterdir()} - {"artifact.json"}
+
+
+def test_moe_active_parameters_count_the_experts_a_token_uses(exported, tiny_model_dir):
+    a = art.read_artifact(exported("mixtral")[0])
+    c = json.loads((tiny_model_dir("mixtral") / "config.json").read_text())
+    per_expert = 3 * c["hidden_size"] * c["intermediate_size"]
+    unused = c["num_hidden_layers"] * (c["num_local_experts"] - c["num_experts_per_tok"]) * per_expert
+    assert a["weights"]["active_parameters"] == a["weights"]["parameters"] - unused
+
+
+def test_support_files_are_copied(exported, tiny_model_dir):
+    variant = exported("llama")[0]
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (variant / name).read_bytes() == (tiny_model_dir("llama") / name).read_bytes(), name
+
+
+def test_logits_to_keep_is_an_optional_input(exported):
+    variant, _ = exported("llama")
+    session = _session(variant)
+    assert "logits_to_keep" not in [i.name for i in session.get_inputs()]
+    assert [i.name for i in session.get_overridable_initializers()] == ["logits_to_keep"]
+    ids = np.array([[3, 4, 5, 6]], dtype=np.int64)
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(4)[None]}
+    feed.update({i.name: np.zeros((1, 2, 0, 16), np.float32) for i in session.get_inputs() if "past" in i.name})
+    every = session.run(["logits"], feed)[0]
+    last = session.run(["logits"], {**feed, "logits_to_keep": np.array(1, np.int64)})[0]
+    assert every.shape == (1, 4, 256) and last.shape == (1, 1, 256)
+    np.testing.assert_allclose(last[:, 0], every[:, -1], atol=1e-5)
+
+
+def test_reexport_is_byte_identical_and_external_data_works(tiny_model_dir, export_op, tmp_path):
+    for run in ("a", "b"):
+        export_op(tiny_model_dir("qwen2"), tmp_path / run, external_data_threshold_mb=0)
+    for name in ("model.onnx", "model.onnx.data", "artifact.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    a = art.read_artifact(tmp_path / "a")
+    assert a["graph"]["external_data"] == ["model.onnx.data"]
+    assert a["verification"]["max_abs_diff"] < 1e-4  # the verification ran on the external-data graph
+
+
+def test_small_model_stays_in_one_file(exported):
+    variant, metrics = exported("gpt2")
+    assert not (variant / "model.onnx.data").exists() and metrics["external_data"] is False
+    assert art.read_artifact(variant)["graph"]["external_data"] == []
+
+
+def test_corrupted_weight_fails_verification(exported, tiny_model_dir, tmp_path):
+    variant, _ = exported("llama")
+    assert verify_variant(variant, tiny_model_dir("llama"))["max_abs_diff"] < 1e-4
+    broken = tmp_path / "broken"
+    shutil.copytree(variant, broken)
+    proto = onnx.load(str(broken / "model.onnx"))
+    name = next(n.input[1] for n in proto.graph.node if n.name == "/model/layers.1/mlp/down_proj/MatMul")
+    tensor = next(t for t in proto.graph.initializer if t.name == name)
+    weights = numpy_helper.to_array(tensor).copy()
+    weights[:, 0] += 0.5
+    tensor.CopyFrom(numpy_helper.from_array(weights, name))
+    onnx.save(proto, str(broken / "model.onnx"))
+    with pytest.raises(PassError, match=r"export verification failed at prefill .*max \|Δlogits\| = "):
+        verify_variant(broken, tiny_model_dir("llama"))
+
+
+def test_tolerance_is_applied(exported, tiny_model_dir):
+    with pytest.raises(PassError, match="exceeds the tolerance verify_atol 1e-12"):
+        verify_variant(exported("llama")[0], tiny_model_dir("llama"), atol=1e-12, rtol=0)
+
+
+def test_opset_17_exports(tiny_model_dir, export_op, tmp_path):
+    metrics = export_op(tiny_model_dir("gpt2"), tmp_path, opset=17, verify_seed=3)
+    assert metrics["opset"] == 17 and metrics["verification"]["seed"] == 3
+    assert art.read_artifact(tmp_path)["graph"]["opset"] == 17
+
+
+def test_not_a_model_directory_is_a_clear_error(export_op, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PassError, match="cannot load a causal LM from"):
+        export_op(tmp_path / "empty", tmp_path / "out")
+
+
+def test_read_artifact_errors_are_clear(tmp_path):
+    with pytest.raises(PassError, match="has no artifact.json"):
+        art.read_artifact(tmp_path)
+    (tmp_path / "artifact.json").write_text("{")
+    with pytest.raises(PassError, match="not valid JSON"):
+        art.read_artifact(tmp_path)
+
+
+def test_write_artifact_json_from_a_base(exported, tmp_path):
+    """What a later pass does: rewrite the graph, then describe it with the input's identity."""
+    variant, _ = exported("llama")
+    proto = onnx.load(str(variant / "model.onnx"))
+    onnx.save(proto, str(tmp_path / "model.onnx"), save_as_external_data=True, location="model.onnx.data",
+              size_threshold=0)
+    base = art.read_artifact(variant)
+    new = art.write_artifact_json(tmp_path, base=base)
+    assert new["model"] == base["model"] and new["verification"] is None
+    assert new["weights"]["parameters"] == base["weights"]["parameters"]
+    assert new["graph"]["external_data"] == ["model.onnx.data"]
+    assert art.read_artifact(tmp_path) == json.loads(json.dumps(new))
