@@ -28,6 +28,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from .errors import PassError
+
 FORMAT = 1
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -56,14 +58,6 @@ _SUB_BYTE_BITS = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.FLOAT4E
 _NOT_WEIGHTS = {TensorProto.INT64, TensorProto.INT32, TensorProto.BOOL, TensorProto.STRING}
 
 
-def user_error(message: str) -> Exception:
-    """A PassError (printed without a traceback), imported only when raised: importing recipec.passes loads
-    torch (~250 MB resident), which a serving process whose memory is measured must not carry."""
-    from .passes.base import PassError
-
-    return PassError(message)
-
-
 def copy_support_files(src_dir: Path, dst_dir: Path) -> list[str]:
     """Copy the config, generation config and tokenizer files that `src_dir` has; returns their names."""
     copied = []
@@ -79,11 +73,11 @@ def read_artifact(variant_dir: Path | str) -> dict[str, Any]:
     try:
         artifact = json.loads(path.read_text())
     except FileNotFoundError:
-        raise user_error(f"{variant_dir} is not an ONNX variant directory: it has no {ARTIFACT_FILE}") from None
+        raise PassError(f"{variant_dir} is not an ONNX variant directory: it has no {ARTIFACT_FILE}") from None
     except json.JSONDecodeError as exc:
-        raise user_error(f"{path} is not valid JSON ({exc}); rebuild the variant") from None
+        raise PassError(f"{path} is not valid JSON ({exc}); rebuild the variant") from None
     if artifact.get("format") != FORMAT:
-        raise user_error(f"{path} has format {artifact.get('format')!r}, this recipec reads format {FORMAT}; "
+        raise PassError(f"{path} has format {artifact.get('format')!r}, this recipec reads format {FORMAT}; "
                         "rebuild the variant")
     return artifact
 
@@ -145,7 +139,7 @@ def _config_and_generation(model_dir_or_config: Any) -> tuple[Any, dict[str, Any
     try:
         config = AutoConfig.from_pretrained(model_dir)
     except (OSError, ValueError) as exc:
-        raise user_error(f"cannot read the model config in {model_dir}: {exc}") from None
+        raise PassError(f"cannot read the model config in {model_dir}: {exc}") from None
     generation_file = model_dir / "generation_config.json"
     generation = json.loads(generation_file.read_text()) if generation_file.is_file() else {}
     return config, generation
@@ -153,7 +147,7 @@ def _config_and_generation(model_dir_or_config: Any) -> tuple[Any, dict[str, Any
 
 def _load_graph(path: Path) -> onnx.ModelProto:
     if not path.is_file():
-        raise user_error(f"{path.parent} has no {path.name}")
+        raise PassError(f"{path.parent} has no {path.name}")
     return onnx.load(str(path), load_external_data=False)
 
 

@@ -16,7 +16,6 @@ from typing import Any
 import jsonschema
 
 from . import console
-from .data import RecipeData
 from .versions import library_versions
 
 GREEDY_PROMPTS, GREEDY_PROMPT_TOKENS, GREEDY_NEW_TOKENS = 4, 16, 16
@@ -46,6 +45,8 @@ def profile_variants(name: str, sha256: str, recipe_path: str, resolved: dict[st
     hardware = hardware_info(device)
     eval_tokens, reference = None, {"logits": None, "greedy": None}
     if source_dir is not None:
+        from .data import RecipeData
+
         eval_tokens = RecipeData(resolved["data"], source_dir, base_dir).eval().numpy()
         prompts = [row[:GREEDY_PROMPT_TOKENS].tolist() for row in eval_tokens[:GREEDY_PROMPTS]]
         console.say("profiling: source model logits on the eval data")
@@ -72,6 +73,8 @@ def _write(out_dir: Path, report: dict[str, Any]) -> None:
 def add_report_commands(sub) -> None:
     p = sub.add_parser("profile", help="re-profile the artifacts of a build and rewrite its report")
     p.add_argument("build_dir", type=Path, help="out/<name>")
+    p.add_argument("--url", help="instead, run the build's workload over HTTP against this OpenAI-compatible server "
+                                 "(e.g. a running `recipec serve`) and print the runs as JSON")
     p.add_argument("--variant", action="append", help="profile only this variant (repeatable)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--workload", action="append", default=[], metavar="KEY=VALUE",
@@ -94,6 +97,8 @@ def cmd_profile(args) -> int:
     manifest = _read_json(args.build_dir / "manifest.json", "not a recipec build directory (no manifest.json)")
     resolved = copy.deepcopy(manifest["recipe"]["resolved"])
     resolved["serving"] = _override_serving(resolved["serving"], args.workload)
+    if args.url:
+        return _profile_url(args.url, resolved["serving"])
     known = manifest["variants"]
     chosen = args.variant or list(known)
     unknown = [v for v in chosen if v not in known]
@@ -113,6 +118,18 @@ def cmd_profile(args) -> int:
         if not gate["passed"]:
             console.error(f"gate failed: {gate['metric']} on {gate['variant']}: {gate.get('reason') or gate['value']}")
     return EXIT_OK if report["gates_passed"] else EXIT_FAILED
+
+
+def _profile_url(url: str, serving: dict[str, Any]) -> int:
+    from .cli import EXIT_OK, UsageError
+    from .serve import profile_url
+
+    try:
+        runs = profile_url(url, serving, log=lambda s: console.say(f"  {s}"))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    print(json.dumps(runs, indent=2, default=float))
+    return EXIT_OK
 
 
 def _source_dir(manifest: dict[str, Any], cache) -> Path | None:

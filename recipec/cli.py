@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help(sys.stderr)
         return EXIT_INVALID
-    from .passes import PassError
+    from .errors import PassError
     from .recipe import RecipeInvalid
 
     try:
@@ -93,8 +93,12 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_schema)
 
     from .build_report import add_report_commands
+    from .deploy import add_deploy_commands
+    from .diff import add_diff_commands
+    from .serve import add_serve_commands
 
-    add_report_commands(sub)
+    for add in (add_report_commands, add_deploy_commands, add_serve_commands, add_diff_commands):
+        add(sub)
     return parser
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .passes.base import PassError
+from .errors import PassError
 
 SPLITS = {"calibration": "train", "eval": "eval"}
 

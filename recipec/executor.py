@@ -153,6 +153,9 @@ def assemble(plan: Plan, runs: dict[str, StageRun], staging: Path, device: str, 
         shutil.copytree(runs[stage_id].entry.output, variants_dir / variant)
     (staging / "plan.json").write_text(json.dumps(plan.to_json(), indent=2) + "\n")
     (staging / "manifest.json").write_text(json.dumps(manifest(plan, runs, device), indent=2) + "\n")
+    from .deploy import write_deploy_files
+
+    write_deploy_files(staging, device, warn=console.warn)
     result = BuildResult(staging, runs)
     if options.profile:
         from .build_report import profile_build

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import psutil
 import torch
 
-from .passes.base import PassError
+from .errors import PassError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",

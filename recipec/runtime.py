@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import artifact as art
+from .errors import PassError
 
 DEVICES = ("auto", "cpu", "cuda")
 _NUMPY_TYPES = {"float32": np.float32, "float16": np.float16}
@@ -120,7 +121,7 @@ class OnnxLM:
         self.session, self.artifact, self.device = session, artifact, device
         kv = artifact.get("kv_cache")
         if not kv:
-            raise art.user_error("the variant's graph has no past_key_values inputs; the runtime needs a graph "
+            raise PassError("the variant's graph has no past_key_values inputs; the runtime needs a graph "
                                  "with a KV cache")
         self.num_layers, self.kv_heads, self.head_dim = kv["num_layers"], kv["num_kv_heads"], kv["head_dim"]
         self.kv_dtype = _NUMPY_TYPES.get(kv["dtype"], np.float32)
@@ -288,7 +289,7 @@ def load(variant_dir: Path | str, device: str = "auto", threads: int | None = No
     artifact = art.read_artifact(variant_dir)
     available = onnxruntime.get_available_providers()
     if device == "cuda" and "CUDAExecutionProvider" not in available:
-        raise art.user_error("device cuda was asked for, but onnxruntime has no CUDAExecutionProvider (it offers "
+        raise PassError("device cuda was asked for, but onnxruntime has no CUDAExecutionProvider (it offers "
                         f"{', '.join(available)}); install onnxruntime-gpu (docs/gpu.md) or use device cpu")
     use_cuda = device in ("auto", "cuda") and "CUDAExecutionProvider" in available
     options = onnxruntime.SessionOptions()
@@ -299,7 +300,7 @@ def load(variant_dir: Path | str, device: str = "auto", threads: int | None = No
     try:
         session = onnxruntime.InferenceSession(str(variant_dir / art.MODEL_FILE), options, providers=providers)
     except Exception as exc:  # onnxruntime's pybind exception types share no useful base class
-        raise art.user_error(f"onnxruntime cannot load {variant_dir / art.MODEL_FILE}: {exc}") from None
+        raise PassError(f"onnxruntime cannot load {variant_dir / art.MODEL_FILE}: {exc}") from None
     return OnnxLM(session, artifact, "cuda" if use_cuda else "cpu")
 
 

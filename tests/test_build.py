@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from recipec.report import validate_report
 
 TINY = """\
 recipe: 1
@@ -34,22 +37,35 @@ def recipec(*args: str, env: dict, timeout: int = 600) -> subprocess.CompletedPr
     return subprocess.run([sys.executable, "-m", "recipec.cli", *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 
-@pytest.fixture
-def workspace(tmp_path):
-    env = {**os.environ, "RECIPEC_CACHE": str(tmp_path / "cache"), "COLUMNS": "200"}
-    recipe = tmp_path / "tiny.yaml"
+@pytest.fixture(scope="module")
+def first_build(tmp_path_factory):
+    """One complete build that the tests below start from (each on its own copy)."""
+    tmp = tmp_path_factory.mktemp("first")
+    env = {**os.environ, "RECIPEC_CACHE": str(tmp / "cache"), "COLUMNS": "200"}
+    recipe = tmp / "tiny.yaml"
     recipe.write_text(TINY)
-    return tmp_path, recipe, env
+    result = recipec("build", str(recipe), "--out", str(tmp / "out"), env=env)
+    assert result.returncode == 0, result.stderr
+    return tmp, result
+
+
+@pytest.fixture
+def workspace(first_build, tmp_path):
+    """A copy of the first build's recipe, cache and out/ in a fresh directory."""
+    source, _ = first_build
+    for name in ("tiny.yaml", "cache", "out"):
+        copy = shutil.copytree if (source / name).is_dir() else shutil.copy2
+        copy(source / name, tmp_path / name)
+    env = {**os.environ, "RECIPEC_CACHE": str(tmp_path / "cache"), "COLUMNS": "200"}
+    return tmp_path, tmp_path / "tiny.yaml", env
 
 
 def model_bytes(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.onnx*"))}
 
 
-def test_build_then_cached_rebuild_is_byte_identical(workspace):
-    tmp, recipe, env = workspace
-    first = recipec("build", str(recipe), "--out", str(tmp / "out"), "--no-profile", env=env)
-    assert first.returncode == 0, first.stderr
+def test_first_build_writes_variants_manifest_plan_and_a_valid_report(first_build):
+    tmp, result = first_build
     out = tmp / "out" / "tiny"
     assert {p.name for p in (out / "variants").iterdir()} == {"baseline", "ex17"}
     for variant in ("baseline", "ex17"):
@@ -57,9 +73,19 @@ def test_build_then_cached_rebuild_is_byte_identical(workspace):
         assert json.loads((out / "variants" / variant / "artifact.json").read_text())["graph"]["inputs"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert [s["id"] for s in manifest["stages"]] == ["source", "ex17", "baseline"]
+    assert not any(s["cached"] for s in manifest["stages"])
     assert json.loads((out / "plan.json").read_text())["variants"] == {"baseline": "baseline", "ex17": "ex17"}
-    before = model_bytes(out)
+    report = json.loads((out / "report.json").read_text())
+    validate_report(report)
+    assert set(report["variants"]) == {"baseline", "ex17"}
+    assert (out / "report.md").read_text().startswith("# recipec report: tiny")
+    assert len(re.findall(r"^\s+running\s", result.stderr, re.M)) == 3
 
+
+def test_cached_rebuild_runs_no_pass_and_is_byte_identical(workspace):
+    tmp, recipe, env = workspace
+    out = tmp / "out" / "tiny"
+    before = model_bytes(out)
     second = recipec("build", str(recipe), "--out", str(tmp / "out"), "--no-profile", env=env)
     assert second.returncode == 0, second.stderr
     assert "running" not in second.stderr
@@ -68,9 +94,17 @@ def test_build_then_cached_rebuild_is_byte_identical(workspace):
     assert all(s["cached"] for s in json.loads((out / "manifest.json").read_text())["stages"])
 
 
+def test_forced_rebuild_reruns_every_stage_and_is_byte_identical(workspace):
+    tmp, recipe, env = workspace
+    before = model_bytes(tmp / "out" / "tiny")
+    forced = recipec("build", str(recipe), "--out", str(tmp / "out"), "--no-profile", "--force", env=env)
+    assert forced.returncode == 0, forced.stderr
+    assert len(re.findall(r"^\s+running\s", forced.stderr, re.M)) == 3, forced.stderr
+    assert model_bytes(tmp / "out" / "tiny") == before
+
+
 def test_editing_the_last_pass_reruns_only_that_stage(workspace):
     tmp, recipe, env = workspace
-    assert recipec("build", str(recipe), "--out", str(tmp / "out"), "--no-profile", env=env).returncode == 0
     recipe.write_text(TINY.replace("opset: 17", "opset: 18"))
     again = recipec("build", str(recipe), "--out", str(tmp / "out"), "--no-profile", env=env)
     assert again.returncode == 0, again.stderr
@@ -80,11 +114,11 @@ def test_editing_the_last_pass_reruns_only_that_stage(workspace):
 
 def test_plan_reports_what_is_cached(workspace):
     tmp, recipe, env = workspace
-    before = json.loads(recipec("plan", str(recipe), "--format", "json", env=env).stdout)
-    assert not any(s["cached"] for s in before["stages"])
-    assert recipec("build", str(recipe), "--out", str(tmp / "out"), "--no-profile", env=env).returncode == 0
     after = json.loads(recipec("plan", str(recipe), "--format", "json", env=env).stdout)
     assert all(s["cached"] for s in after["stages"])
+    empty = {**env, "RECIPEC_CACHE": str(tmp / "empty-cache")}
+    before = json.loads(recipec("plan", str(recipe), "--format", "json", env=empty).stdout)
+    assert not any(s["cached"] for s in before["stages"])
     assert [s["key"] for s in before["stages"]] == [s["key"] for s in after["stages"]]
 
 
@@ -108,7 +142,6 @@ def _kill_when(proc: subprocess.Popen, marker: str, deadline: float) -> str:
 def test_sigkill_leaves_the_previous_build_and_the_next_build_reuses_finished_stages(workspace, marker):
     tmp, recipe, env = workspace
     out = tmp / "out" / "tiny"
-    assert recipec("build", str(recipe), "--out", str(tmp / "out"), "--no-profile", env=env).returncode == 0
     previous = (out / "manifest.json").read_text()
     proc = subprocess.Popen([sys.executable, "-m", "recipec.cli", "build", str(recipe), "--out", str(tmp / "out"),
                              "--no-profile", "--force"], stderr=subprocess.PIPE, text=True, env=env)
@@ -123,6 +156,8 @@ def test_sigkill_leaves_the_previous_build_and_the_next_build_reuses_finished_st
 
 def test_sigkill_of_a_first_build_leaves_no_output(workspace):
     tmp, recipe, env = workspace
+    shutil.rmtree(tmp / "out")
+    env = {**env, "RECIPEC_CACHE": str(tmp / "fresh-cache")}
     proc = subprocess.Popen([sys.executable, "-m", "recipec.cli", "build", str(recipe), "--out", str(tmp / "out"),
                              "--no-profile"], stderr=subprocess.PIPE, text=True, env=env)
     _kill_when(proc, "running ex17", time.time() + 300)
@@ -130,3 +165,4 @@ def test_sigkill_of_a_first_build_leaves_no_output(workspace):
     resumed = recipec("build", str(recipe), "--out", str(tmp / "out"), "--no-profile", env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert re.search(r"cached\s+source", resumed.stderr), resumed.stderr
+    assert re.search(r"running\s+ex17", resumed.stderr), resumed.stderr

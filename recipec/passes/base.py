@@ -12,14 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Literal, Protocol
 
+from ..errors import PassError
+
 if TYPE_CHECKING:  # a serving process imports this module and must not pay torch's 250 MB
     import torch
 
 Kind = Literal["torch", "onnx"]
-
-
-class PassError(Exception):
-    """A pass could not do its job for a reason the user can act on (printed without a traceback)."""
 
 
 class Data(Protocol):

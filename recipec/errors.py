@@ -1,0 +1,6 @@
+"""Errors a user can act on; the CLI prints them without a traceback. Kept free of heavy imports so
+that a serving process can use them without loading torch."""
+
+
+class PassError(Exception):
+    """A stage could not do its job for a reason the user can act on."""

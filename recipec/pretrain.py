@@ -1,0 +1,217 @@
+"""Train a small causal LM from scratch, offline, so that quality metrics mean something.
+
+Random-weight models have near-tied logits: a compression pass can flip most greedy tokens while logits
+stay at cosine 0.999, and perplexity is ~vocab size whatever a pass does. A model trained on real text
+(docs/reference-model.md) has a perplexity far below its vocabulary size that passes can visibly hurt.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import corpus
+from .errors import PassError
+from .passes.base import Progress
+
+_CORPUS_SCHEMA = {
+    "description": "Training text: \"stdlib\" (this Python's standard-library source; different Python "
+                   "versions give different corpora) or {text: glob} (files relative to the recipe's "
+                   "directory; ** recurses). Each file is one document; 5% of files, chosen by a hash of "
+                   "their relative path, form the eval split.",
+    "default": "stdlib",
+    "oneOf": [
+        {"const": "stdlib"},
+        {"type": "object", "additionalProperties": False, "required": ["text"],
+         "properties": {"text": {"type": "string", "minLength": 1, "description": "A glob of text files."}}},
+    ],
+}
+
+
+def _prop(kind: str, default: Any, description: str, **bounds: Any) -> dict[str, Any]:
+    return {"type": kind, "default": default, "description": description, **bounds}
+
+
+PRETRAIN_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "additionalProperties": False,
+    "description": "Train the model from scratch on a local text corpus before the passes run (model.source: "
+                   "synthetic). Deterministic on the CPU for a given seed and thread count.",
+    "properties": {
+        "corpus": _CORPUS_SCHEMA,
+        "steps": _prop("integer", 400, "Optimizer steps.", minimum=1),
+        "batch_size": _prop("integer", 16, "Sequences per step.", minimum=1),
+        "seq_len": _prop("integer", 128, "Tokens per training sequence (and per eval window).", minimum=2),
+        "learning_rate": _prop("number", 0.003, "Peak AdamW learning rate (write 0.003, not 3e-3: YAML 1.1 "
+                                                "reads 3e-3 as a string).", exclusiveMinimum=0),
+        "min_lr_ratio": _prop("number", 0.1, "Final learning rate as a fraction of the peak (cosine decay).",
+                              minimum=0, maximum=1),
+        "warmup_steps": _prop("integer", 40, "Steps of linear warmup from 0 to the peak rate; fewer than steps.",
+                              minimum=0),
+        "weight_decay": _prop("number", 0.1, "AdamW weight decay, applied to matrices only (not norms, "
+                                             "biases).", minimum=0),
+        "grad_clip": _prop("number", 1.0, "Maximum global gradient norm.", exclusiveMinimum=0),
+        "vocab_size": _prop("integer", 4096, "Byte-level BPE vocabulary size, including <|endoftext|>; the "
+                                             "model's vocab_size is the size the tokenizer reached.", minimum=258),
+        "eval_samples": _prop("integer", 64, "Eval-split windows of seq_len tokens for the reported "
+                                             "perplexity.", minimum=1),
+    },
+}
+
+# Set from the tokenizer: an override would make the embedding disagree with the token ids.
+_TOKENIZER_KEYS = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def fill_defaults(spec: dict[str, Any] | None) -> dict[str, Any]:
+    spec = dict(spec or {})
+    unknown = sorted(set(spec) - set(PRETRAIN_SCHEMA["properties"]))
+    if unknown:
+        raise PassError(f"unknown pretrain keys {unknown}; known: {sorted(PRETRAIN_SCHEMA['properties'])}")
+    for key, prop in PRETRAIN_SCHEMA["properties"].items():
+        spec.setdefault(key, prop["default"])
+    if spec["warmup_steps"] >= spec["steps"]:
+        raise PassError(f"pretrain.warmup_steps ({spec['warmup_steps']}) must be fewer than steps ({spec['steps']})")
+    return spec
+
+
+def build_config(family: str, overrides: dict[str, Any]):
+    """The family's default config with the recipe's overrides; unknown keys fail instead of being ignored."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.for_model(family)
+    except ValueError:
+        raise PassError(f"unknown model family {family!r} (a transformers model_type such as llama, gpt2, "
+                        f"mixtral, qwen2_moe)") from None
+    for key in overrides:
+        if key in _TOKENIZER_KEYS:
+            raise PassError(f"model.config.{key} is set by the trained tokenizer; use pretrain.vocab_size")
+        if not hasattr(config, key):
+            close = difflib.get_close_matches(key, list(config.to_dict()), n=3)
+            raise PassError(f"model.config.{key} is not a {family} config field" +
+                            (f"; did you mean {', '.join(close)}?" if close else ""))
+    return AutoConfig.for_model(family, **overrides)
+
+
+def _optimizer(model: torch.nn.Module, spec: dict[str, Any]) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": spec["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=spec["learning_rate"], betas=(0.9, 0.95))
+
+
+def lr_factor(step: int, spec: dict[str, Any]) -> float:
+    """Multiplier of the peak rate at a 0-based step: linear warmup, then cosine down to min_lr_ratio."""
+    warmup, steps, floor = spec["warmup_steps"], spec["steps"], spec["min_lr_ratio"]
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup - 1)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _train(model, stream: torch.Tensor, spec: dict[str, Any], seed: int, progress: Progress) -> list[float]:
+    batch, seq_len = spec["batch_size"], spec["seq_len"]
+    if len(stream) <= seq_len:
+        raise PassError(f"the train split has {len(stream)} tokens, fewer than seq_len + 1 ({seq_len + 1})")
+    opt = _optimizer(model, spec)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, spec))
+    # Its own generator: the data order must not depend on how many random numbers model init consumed.
+    gen = torch.Generator().manual_seed(seed)
+    offsets = torch.arange(seq_len)
+    losses = []
+    model.train()
+    with progress("pretraining", total=spec["steps"]) as advance:
+        for _ in range(spec["steps"]):
+            starts = torch.randint(0, len(stream) - seq_len, (batch, 1), generator=gen)
+            ids = stream[starts + offsets]
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), spec["grad_clip"])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            losses.append(loss.item())
+            advance(1, loss=round(losses[-1], 3))
+    return losses
+
+
+@torch.no_grad()
+def evaluate(model, windows: torch.Tensor, batch_size: int = 16) -> float:
+    """Mean next-token negative log-likelihood (nats) over every predicted position of the windows."""
+    model.eval()
+    total, count = 0.0, 0
+    for chunk in windows.split(batch_size):
+        logits = model(input_ids=chunk).logits[:, :-1].float()
+        target = chunk[:, 1:]
+        total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                   reduction="sum").item()
+        count += target.numel()
+    return total / count
+
+
+def _dtype(name: str) -> torch.dtype:
+    allowed = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in allowed:
+        raise PassError(f"dtype must be one of {sorted(allowed)}, got {name!r}")
+    return allowed[name]
+
+
+def _save(model, config, out_dir: Path, dtype: torch.dtype) -> None:
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                                               pad_token_id=config.pad_token_id)
+    model.to(dtype).save_pretrained(out_dir)
+
+
+def pretrain(family: str, config_overrides: dict[str, Any], seed: int, spec: dict[str, Any], base_dir: Path,
+             out_dir: Path, progress: Progress, log: Callable[[str], None], dtype: str = "float32",
+             cache_dir: Path | None = None) -> dict[str, Any]:
+    """Train tokenizer and model; write a save_pretrained directory with tokenizer files to out_dir.
+
+    Training runs in float32 whatever `dtype` is; `dtype` is the precision of the saved weights.
+    cache_dir, when given, keeps tokenized corpus streams between processes (corpus.token_stream).
+    """
+    started = time.perf_counter()
+    spec, out_dir, save_dtype = fill_defaults(spec), Path(out_dir), _dtype(dtype)
+    config = build_config(family, config_overrides)
+    if spec["seq_len"] > getattr(config, "max_position_embeddings", spec["seq_len"]):
+        raise PassError(f"pretrain.seq_len {spec['seq_len']} exceeds the model's max_position_embeddings "
+                        f"{config.max_position_embeddings}")
+    counts = corpus.file_counts(spec["corpus"], base_dir)
+    log(f"pretrain: training a {spec['vocab_size']}-token BPE tokenizer on {counts['train']} files")
+    tokenizer = corpus.train_tokenizer(spec["corpus"], spec["vocab_size"], base_dir, out_dir,
+                                       model_max_length=getattr(config, "max_position_embeddings", None))
+    config.vocab_size = len(tokenizer)
+    config.bos_token_id = config.eos_token_id = config.pad_token_id = tokenizer.eos_token_id
+    stream = torch.from_numpy(corpus.token_stream(tokenizer, spec["corpus"], "train", base_dir, cache_dir)
+                              .astype("int64"))
+    eval_windows = corpus.token_windows(tokenizer, spec["corpus"], "eval", spec["eval_samples"], spec["seq_len"],
+                                        seed, base_dir, cache_dir)
+
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    parameters = sum(p.numel() for p in model.parameters())
+    log(f"pretrain: {family} with {parameters:,} parameters on {len(stream):,} train tokens")
+    losses = _train(model, stream, spec, seed, progress)
+    eval_loss = evaluate(model, eval_windows)
+    _save(model, config, out_dir, save_dtype)
+    tail = losses[-min(10, len(losses)):]
+    metrics = {
+        "eval_perplexity": math.exp(eval_loss), "eval_loss": eval_loss,
+        "train_loss": sum(tail) / len(tail), "initial_train_loss": losses[0],
+        "vocab_size": config.vocab_size, "parameters": parameters, "steps": spec["steps"],
+        "tokens_seen": spec["steps"] * spec["batch_size"] * spec["seq_len"],
+        "train_tokens": len(stream), "train_files": counts["train"], "eval_files": counts["eval"],
+        "eval_tokens": eval_windows.numel(), "seconds": time.perf_counter() - started,
+    }
+    log(f"pretrain: eval perplexity {metrics['eval_perplexity']:.2f} (vocab {config.vocab_size}), "
+        f"train loss {metrics['train_loss']:.3f}, {metrics['seconds']:.0f} s")
+    return metrics
