@@ -130,13 +130,11 @@ class StageCache:
     def _remove_stale_temporaries(self) -> None:
         for work in (self.root / "tmp").iterdir():
             parts = work.name.split(".")
-            if len(parts) == 3 and parts[1].isdigit() and not _alive(int(parts[1])):
+            if len(parts) == 3 and parts[1].isdigit() and not process_alive(int(parts[1])):
                 shutil.rmtree(work, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

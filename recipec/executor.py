@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import console
-from .cache import Entry, StageCache, tree_digest
+from .cache import Entry, StageCache, process_alive, tree_digest
 from .data import RecipeData
 from .passes import PASSES, PassError, StageContext
 from .planner import SOURCE, Plan, Stage, build_plan, canonical, sha256_text
@@ -212,19 +212,9 @@ def recover_interrupted(final: Path) -> None:
     pattern = re.compile(rf"^\.{re.escape(final.name)}\.(?:staging-(\d+)-[0-9a-f]+|previous-(\d+))$")
     for leftover in sorted(final.parent.iterdir()):
         match = pattern.match(leftover.name)
-        if not match or _running(int(match.group(1) or match.group(2))):
+        if not match or process_alive(int(match.group(1) or match.group(2))):
             continue
         if match.group(2) and not final.exists():
             os.rename(leftover, final)
         else:
             shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

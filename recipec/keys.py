@@ -7,6 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from .cache import file_digest
 from .data import corpus_spec
 from .passes import PASSES
 from .planner import SOURCE, Plan, canonical, sha256_text
@@ -65,8 +66,4 @@ def directory_fingerprint(path: str) -> str:
 
 @lru_cache(maxsize=256)
 def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digest(Path(path))
