@@ -24,8 +24,9 @@ SOURCE = "source"
 BASELINE = "baseline"
 RESERVED = {SOURCE, BASELINE}
 QUANTIZE_BEFORE_FUSE = (
-    "quantize runs before fuse on this path: the fusion patterns match float MatMul/Add chains, "
-    "so after quantization most fusions no longer apply; put fuse first"
+    "quantize before fuse fuses less and cannot be checked as tightly: QDQ pairs and fp16 casts hide attention "
+    "from the fusion rules, quantized weights cannot be merged, and int8's per-tensor activation scales span "
+    "padded rows that fused attention leaves unspecified; fuse first, then quantize"
 )
 
 

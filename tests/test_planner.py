@@ -60,7 +60,7 @@ def test_quantize_before_fuse_warns_with_the_reason(tmp_path):
           - {id: q, op: quantize, with: {scheme: int8-dynamic}}
           - {id: f, op: fuse}
         """)
-    assert plan.warnings and "fusion patterns" in plan.warnings[0]
+    assert plan.warnings and "fuse first, then quantize" in plan.warnings[0]
 
 
 def test_order_is_deterministic_and_follows_declaration(tmp_path):

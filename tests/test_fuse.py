@@ -1,0 +1,127 @@
+"""fuse: onnxruntime's fused operators in the graph, the same I/O contract, the same logits."""
+from __future__ import annotations
+
+import contextlib
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import onnx
+import pytest
+
+from recipec import artifact
+from recipec.passes.base import PassError, StageContext
+from recipec.passes.export import verify_variant
+from recipec.passes.fuse import PASS
+
+LEVELS = ("basic", "extended", "all")
+# What "reaching the builder's level" means per family: attention with its KV cache in one op, rotary
+# fused, residual + norm fused (onnxruntime-genai's builder emits the same for llama).
+EXPECTED_OPS = {
+    "llama": {"GroupQueryAttention", "RotaryEmbedding", "SkipSimplifiedLayerNormalization"},
+    "qwen2": {"GroupQueryAttention", "RotaryEmbedding", "SkipSimplifiedLayerNormalization"},
+    "mistral": {"GroupQueryAttention", "RotaryEmbedding", "SkipSimplifiedLayerNormalization"},
+    "gpt2": {"MultiHeadAttention", "FastGelu", "SkipLayerNormalization"},
+}
+
+
+@contextlib.contextmanager
+def _no_progress(description: str, total: int | None):
+    yield lambda *args, **kwargs: None
+
+
+def run_fuse(source: Path, out: Path, log=None, **params) -> dict[str, Any]:
+    defaults = {name: spec["default"] for name, spec in PASS.params["properties"].items()}
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = StageContext(stage_id="fuse", params={**defaults, **params}, input_dir=source, output_dir=out, recipe={},
+                       data=None, stage_dir=lambda stage_id: source, progress=_no_progress,
+                       log=log or (lambda message: None))
+    return PASS.apply(ctx)
+
+
+@pytest.fixture(scope="module")
+def fused(exported, tmp_path_factory):
+    """(family, level) -> (fused variant directory, metrics)."""
+    done: dict[tuple[str, str], tuple[Path, dict[str, Any]]] = {}
+
+    def get(family: str, level: str = "extended") -> tuple[Path, dict[str, Any]]:
+        if (family, level) not in done:
+            out = tmp_path_factory.mktemp(f"fused-{family}-{level}")
+            done[(family, level)] = (out, run_fuse(exported(family)[0], out, level=level))
+        return done[(family, level)]
+
+    return get
+
+
+def _ops(variant: Path) -> Counter:
+    return Counter(n.op_type for n in onnx.load(str(variant / "model.onnx"), load_external_data=False).graph.node)
+
+
+def _io(variant: Path) -> list[tuple]:
+    graph = onnx.load(str(variant / "model.onnx"), load_external_data=False).graph
+    return [(v.name, str(v.type)) for v in list(graph.input) + list(graph.output)]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("level", LEVELS)
+def test_each_level_shrinks_the_graph_and_keeps_its_contract(family, level, fused, exported, tiny_model_dir):
+    variant, metrics = fused(family, level)
+    assert metrics["nodes_after"] < metrics["nodes_before"]
+    assert sum(_ops(variant).values()) == metrics["nodes_after"]
+    assert _io(variant) == _io(exported(family)[0])  # names, dtypes and dim names of every input and output
+    assert max(metrics["max_abs_diff"].values()) <= metrics["tolerance"]
+    # Independent of the pass's own check: the fused graph against PyTorch, left-padded prefill + decode.
+    assert verify_variant(variant, tiny_model_dir(family), atol=1e-3, rtol=1e-3)["max_abs_diff"] < 1e-3
+    json.dumps(metrics)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gpt2"])
+def test_attention_rotary_and_norms_fuse(family, fused):
+    variant, metrics = fused(family)
+    ops = _ops(variant)
+    assert EXPECTED_OPS[family] <= set(ops), ops
+    layers = 2
+    attention = "MultiHeadAttention" if family == "gpt2" else "GroupQueryAttention"
+    assert ops[attention] == layers and metrics["fused_ops"][attention] == layers
+    assert "Softmax" not in ops  # no attention left unfused
+    if family != "gpt2":
+        assert ops["RotaryEmbedding"] == 2 * layers
+        assert metrics["rewrites"]["merged_matmul_groups"] == 2 * layers  # q/k/v and gate/up per layer
+
+
+def test_basic_level_fuses_nothing(fused):
+    variant, metrics = fused("llama", "basic")
+    assert metrics["fused_ops"] == {} and "GroupQueryAttention" not in _ops(variant)
+
+
+def test_artifact_describes_the_fused_graph(fused, exported):
+    variant, _ = fused("llama")
+    written, source = artifact.read_artifact(variant), artifact.read_artifact(exported("llama")[0])
+    assert written["model"] == source["model"] and written["kv_cache"] == source["kv_cache"]
+    assert written["graph"]["optional_inputs"] == source["graph"]["optional_inputs"]  # logits_to_keep kept
+    assert {f["name"] for f in written["files"]} >= {"model.onnx", "config.json", "tokenizer.json"}
+
+
+def test_attention_none_keeps_attention_unfused(exported, tmp_path):
+    metrics = run_fuse(exported("llama")[0], tmp_path, attention="none")
+    ops = _ops(tmp_path)
+    assert "GroupQueryAttention" not in ops and ops["Softmax"] == 2
+    assert "SkipSimplifiedLayerNormalization" in ops and metrics["nodes_after"] < metrics["nodes_before"]
+
+
+def test_mha_needs_as_many_kv_heads_as_heads(exported, tmp_path):
+    messages: list[str] = []
+    run_fuse(exported("llama")[0], tmp_path, attention="mha", log=messages.append)
+    assert "MultiHeadAttention" not in _ops(tmp_path)
+    assert any("no attention block matched" in m for m in messages)
+
+
+def test_a_drift_past_the_tolerance_fails_the_stage(exported, tmp_path):
+    with pytest.raises(PassError, match="differs from its input"):
+        run_fuse(exported("llama")[0], tmp_path, tolerance=1e-12)
+
+
+def test_missing_input_graph_is_a_clear_error(tmp_path):
+    with pytest.raises(PassError, match="artifact.json|model.onnx"):
+        run_fuse(tmp_path, tmp_path / "out")
