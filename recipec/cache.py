@@ -96,9 +96,13 @@ class StageCache:
         return None
 
     @contextmanager
-    def lock(self, key: str) -> Iterator[None]:
+    def lock(self, key: str, on_wait: Callable[[], None] = lambda: None) -> Iterator[None]:
         with open(self.root / "locks" / f"{key}.lock", "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                on_wait()  # another build is making this very stage: wait for it, then reuse its entry
+                fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
             finally:

@@ -94,7 +94,7 @@ def run_stages(plan: Plan, cache: StageCache, device: str, force: bool) -> dict[
 
 def run_stage(plan: Plan, stage: Stage, runs: dict[str, StageRun], cache: StageCache, device: str, force: bool) -> StageRun:
     label = f"[bold]{stage.id}[/] ({stage.op}{', implicit' if stage.implicit else ''})"
-    with cache.lock(stage.key):
+    with cache.lock(stage.key, on_wait=lambda: console.say(f"  [yellow]waiting[/] {label}: another build is running it")):
         entry = None if force else cache.lookup(stage.key)
         if entry is not None:
             console.say(f"  [green]cached[/]  {label}  {stage.key[:12]}")
