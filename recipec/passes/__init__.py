@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from .base import Pass, PassError, StageContext
 from . import export, fuse, quantize
+from . import distill, moe, prune
 
-PASSES: dict[str, Pass] = {p.op: p for p in (export.PASS, fuse.PASS, quantize.PASS)}
+PASSES: dict[str, Pass] = {p.op: p for p in (export.PASS, fuse.PASS, quantize.PASS, prune.PASS, distill.PASS, moe.PASS)}
 
 TORCH_OPS = frozenset(op for op, p in PASSES.items() if p.consumes == "torch" and p.produces == "torch")
 ONNX_OPS = frozenset(op for op, p in PASSES.items() if p.consumes == "onnx")

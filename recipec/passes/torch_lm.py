@@ -1,0 +1,71 @@
+"""What the PyTorch-stage passes (prune, distill, moe) share: reading and writing a causal-LM directory,
+counting parameters, and scoring a model on token windows against a reference model."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..models import copy_tokenizer_files
+from .base import PassError
+
+SCORE_BATCH = 8
+
+
+def load_lm(model_dir: Path | str, **kwargs: Any) -> torch.nn.Module:
+    """The model in float32 (passes compute in float32 whatever the checkpoint holds), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise PassError(f"cannot load a causal LM from {model_dir}: {exc}") from None
+    return model.eval()
+
+
+def saved_dtype(model_dir: Path | str) -> torch.dtype:
+    """The dtype the input checkpoint was stored in, so a pass writes back what it read."""
+    from transformers import AutoConfig
+
+    dtype = getattr(AutoConfig.from_pretrained(model_dir), "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def save_lm(model: torch.nn.Module, input_dir: Path, output_dir: Path) -> None:
+    model.to(saved_dtype(input_dir)).save_pretrained(output_dir)
+    copy_tokenizer_files(Path(input_dir), Path(output_dir))
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def eval_windows(data: Any) -> torch.Tensor:
+    windows = data.eval()
+    if windows.ndim != 2 or windows.shape[1] < 2:
+        raise PassError(f"data.eval must give [samples, seq_len >= 2] token windows, got {tuple(windows.shape)}")
+    return windows
+
+
+@torch.no_grad()
+def score(model: torch.nn.Module, windows: torch.Tensor, reference: torch.nn.Module | None = None) -> dict[str, float]:
+    """Perplexity of next-token prediction over every predicted position of the windows, and, with a
+    reference model, the mean KL(reference || model) of the next-token distributions at every position."""
+    model.eval()
+    nll, kl, count, positions = 0.0, 0.0, 0, 0
+    for chunk in windows.split(SCORE_BATCH):
+        logp = torch.log_softmax(model(input_ids=chunk).logits.double(), dim=-1)
+        nll -= logp[:, :-1].gather(-1, chunk[:, 1:, None]).sum().item()
+        count += chunk[:, 1:].numel()
+        if reference is not None:
+            ref = torch.log_softmax(reference(input_ids=chunk).logits.double(), dim=-1)
+            kl += (ref.exp() * (ref - logp)).sum().item()
+            positions += chunk.numel()
+    result = {"perplexity": math.exp(nll / count)}
+    if reference is not None:
+        result["kl"] = kl / positions
+    return result
