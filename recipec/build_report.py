@@ -53,7 +53,7 @@ def profile_variants(name: str, sha256: str, recipe_path: str, resolved: dict[st
         reference = source_reference(source_dir, eval_tokens, prompts, n_new=GREEDY_NEW_TOKENS)
     measured = {}
     for variant, directory in variants.items():
-        console.say(f"profiling [bold]{variant}[/]")
+        console.say(f"profiling {variant}")
         entry = profile_variant(directory, resolved["serving"], device, eval_tokens, reference["logits"],
                                 reference["greedy"], hardware=hardware, isolate=True, log=lambda s: console.say(f"  {s}"))
         entry["artifact"]["path"] = f"variants/{variant}"

@@ -160,7 +160,7 @@ def cmd_build(args) -> int:
     from .executor import BuildOptions, build
 
     recipe = _load(args.recipe)
-    console.say(f"building [bold]{recipe.name}[/] from {args.recipe}")
+    console.say(f"building {recipe.name} from {args.recipe}")
     result = build(recipe, BuildOptions(out_root=args.out, cache_root=args.cache_dir, device=args.device,
                                         force=args.force, profile=not args.no_profile))
     source = result.runs["source"].entry.meta["metrics"]

@@ -6,21 +6,27 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 from rich.console import Console
+from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(stderr=True, highlight=False)
 
 
 def say(message: str) -> None:
-    console.print(message)
+    """Plain text: messages carry user input (paths, ids, YAML keys) that must not be read as rich markup."""
+    console.print(Text(message))
+
+
+def tagged(tag: str, color: str, message: str) -> None:
+    console.print(Text.assemble((tag, color), " ", message))
 
 
 def warn(message: str) -> None:
-    console.print(f"[yellow]warning:[/] {message}")
+    tagged("warning:", "yellow", message)
 
 
 def error(message: str) -> None:
-    console.print(f"[red]error:[/] {message}", soft_wrap=True)
+    console.print(Text.assemble(("error:", "red"), " ", message), soft_wrap=True)
 
 
 @contextmanager
@@ -29,8 +35,8 @@ def progress(description: str, total: int | None) -> Iterator[Callable[..., None
     if not console.is_terminal:
         yield _plain_advance(description, total)
         return
-    columns = [TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
+    columns = [TextColumn("  {task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn(), TextColumn("{task.fields[info]}", markup=False)]
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task(description, total=total, info="")
 

@@ -93,13 +93,13 @@ def run_stages(plan: Plan, cache: StageCache, device: str, force: bool) -> dict[
 
 
 def run_stage(plan: Plan, stage: Stage, runs: dict[str, StageRun], cache: StageCache, device: str, force: bool) -> StageRun:
-    label = f"[bold]{stage.id}[/] ({stage.op}{', implicit' if stage.implicit else ''})"
-    with cache.lock(stage.key, on_wait=lambda: console.say(f"  [yellow]waiting[/] {label}: another build is running it")):
+    label = f"{stage.id} ({stage.op}{', implicit' if stage.implicit else ''})"
+    with cache.lock(stage.key, on_wait=lambda: console.tagged("  waiting", "yellow", f"{label}: another build is running it")):
         entry = None if force else cache.lookup(stage.key)
         if entry is not None:
-            console.say(f"  [green]cached[/]  {label}  {stage.key[:12]}")
+            console.tagged("  cached ", "green", f"{label}  {stage.key[:12]}")
             return StageRun(stage, entry, True, 0.0)
-        console.say(f"  [cyan]running[/] {label}")
+        console.tagged("  running", "cyan", label)
         work = cache.new_workdir(stage.key)
         started = time.perf_counter()
         try:
@@ -109,7 +109,7 @@ def run_stage(plan: Plan, stage: Stage, runs: dict[str, StageRun], cache: StageC
             raise
         seconds = time.perf_counter() - started
         entry = cache.commit(stage.key, work, metrics, seconds)
-    console.say(f"  [green]done[/]    {label} in {seconds:.1f} s{_headline(metrics)}")
+    console.tagged("  done   ", "green", f"{label} in {seconds:.1f} s{_headline(metrics)}")
     return StageRun(stage, entry, False, seconds)
 
 

@@ -804,7 +804,7 @@ def cmd_serve(args) -> int:
     service = build_service(args.build_dir, args.variant, policy, args.device, args.threads, args.max_queue)
     if not _loopback(args.host):
         console.warn(f"listening on {args.host}: reachable from other machines, with no authentication")
-    console.say(f"serving [bold]{service.spec.name}[/] on http://{args.host}:{args.port} ({policy.batching} "
+    console.say(f"serving {service.spec.name} on http://{args.host}:{args.port} ({policy.batching} "
                 f"batching, max batch {policy.max_batch_size}, max queue {args.max_queue}); Ctrl-C stops")
     run_server(service, args.host, args.port)
     console.say("stopped")
