@@ -75,7 +75,8 @@ def _text_files(pattern: str, base_dir: Path) -> tuple[Path, list[str]]:
     matches = [Path(p) for p in glob.glob(str(full), recursive=True)]
     files = [p for p in matches if p.is_file()]
     if not files:
-        raise PassError(f"corpus text glob {pattern!r} matches no files (searched relative to {base_dir})")
+        hint = f"; for a directory's files write {pattern.rstrip('/')}/**/*" if full.is_dir() else ""
+        raise PassError(f"corpus text glob {pattern!r} matches no files (searched relative to {base_dir}){hint}")
     root = _glob_root(full)
     return root, sorted({p.relative_to(root).as_posix() for p in files})
 
