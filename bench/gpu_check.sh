@@ -100,64 +100,45 @@ fi
 
 echo
 echo "== PyTorch eager fp16 on CUDA (reference; same config, prompt $PROMPT, output $OUTPUT)"
-HIDDEN=$HIDDEN LAYERS=$LAYERS HEADS=$HEADS KV_HEADS=$KV_HEADS FFN=$FFN VOCAB=$VOCAB PROMPT=$PROMPT OUTPUT=$OUTPUT \
-timeout 150 python - "$OUT/torch_eager.json" <<'EOF'
-import json, os, sys, time
+# The same measurement bench/run.py makes on the CPU (bench/common.py torch-eager: transformers generate,
+# a streamer timestamps each token; batch B = B requests together), here in fp16 on the GPU.
+CONFIG_JSON="{\"model_type\": \"llama\", \"seed\": 0, \"hidden_size\": $HIDDEN, \"num_hidden_layers\": $LAYERS,
+  \"num_attention_heads\": $HEADS, \"num_key_value_heads\": $KV_HEADS, \"intermediate_size\": $FFN, \"vocab_size\": $VOCAB}"
+if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "no CUDA device: PyTorch path not measured either"
+elif timeout 150 python bench/common.py torch-eager --config-json "$CONFIG_JSON" --device cuda --dtype float16 \
+       --batches 1,8 --prompt "$PROMPT" --output "$OUTPUT" --requests 8 --out "$OUT/torch_eager.json" 2>"$OUT/torch_eager.log"; then
+  python - "$OUT/torch_eager.json" <<'EOF'
+import json, sys
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, DynamicCache
+sys.path.insert(0, "bench")
+from common import decode_step_bytes, mbu
 from recipec.hardware import known_gpu
 from recipec.metrics import ModelCost, decode_flops, prefill_flops
 
-if not torch.cuda.is_available():
-    sys.exit("no CUDA device: PyTorch path not measured either")
-e = {k: int(os.environ[k]) for k in ("HIDDEN", "LAYERS", "HEADS", "KV_HEADS", "FFN", "VOCAB", "PROMPT", "OUTPUT")}
-cfg = LlamaConfig(hidden_size=e["HIDDEN"], num_hidden_layers=e["LAYERS"], num_attention_heads=e["HEADS"],
-                  num_key_value_heads=e["KV_HEADS"], intermediate_size=e["FFN"], vocab_size=e["VOCAB"])
-torch.manual_seed(0)
-model = LlamaForCausalLM(cfg).to("cuda", torch.float16).eval()
-params = sum(p.numel() for p in model.parameters())
-emb = model.model.embed_tokens.weight.numel()
-hd = e["HIDDEN"] // e["HEADS"]
-cost = ModelCost(weight_bytes_per_step=2 * (params - emb), active_params=params - emb, num_layers=e["LAYERS"],
-                 num_heads=e["HEADS"], num_kv_heads=e["KV_HEADS"], head_dim=hd, kv_bytes_per_elem=2)
+r = json.load(open(sys.argv[1]))
+c, P, O = r["cost"], r["prompt_tokens"], r["output_tokens"]
 spec = known_gpu(torch.cuda.get_device_name(0))
 print("peaks:", spec["source"] if spec else "unknown GPU: MBU/MFU not computed")
-
-def timed(fn):
-    torch.cuda.synchronize(); t = time.perf_counter(); out = fn(); torch.cuda.synchronize()
-    return out, time.perf_counter() - t
-
-@torch.no_grad()
-def run(batch):
-    ids = torch.randint(0, e["VOCAB"], (batch, e["PROMPT"]), device="cuda")
-    cache = DynamicCache(config=cfg)
-    out, ttft = timed(lambda: model(ids, past_key_values=cache, use_cache=True))
-    tok = out.logits[:, -1].argmax(-1, keepdim=True)
-    steps = []
-    for i in range(e["OUTPUT"] - 1):
-        out, dt = timed(lambda: model(tok, past_key_values=cache, use_cache=True))
-        tok = out.logits[:, -1].argmax(-1, keepdim=True)
-        steps.append(dt)
-    tpot = sum(steps) / len(steps)
-    res = {"batch": batch, "ttft_ms": ttft * 1e3, "tpot_ms": tpot * 1e3,
-           "output_throughput_tok_s": batch * e["OUTPUT"] / (ttft + sum(steps))}
+kv_elem = c["kv_bytes_per_token"] // (2 * c["num_layers"] * c["num_kv_heads"] * c["head_dim"])
+cost = ModelCost(weight_bytes_per_step=c["weight_bytes_per_decode_step"], active_params=c["active_parameters"],
+                 num_layers=c["num_layers"], num_heads=c["num_heads"], num_kv_heads=c["num_kv_heads"],
+                 head_dim=c["head_dim"], kv_bytes_per_elem=kv_elem)
+print(f"parameters {c['parameters'] / 1e6:.0f}M")
+p50 = lambda v: sorted(v)[len(v) // 2]
+for run in r["runs"]:
+    b, s = run["batch"], run["samples"]
+    ttft, tpot, e2e = p50(s["ttft_ms"]), p50(s["tpot_ms"]), p50(s["e2e_latency_ms"])
+    extra = ""
     if spec:
-        ctx = e["PROMPT"] + e["OUTPUT"] // 2  # mean context over the decode steps
-        step_bytes = cost.weight_bytes_per_step + batch * ctx * cost.kv_bytes_per_token
-        res["mbu"] = step_bytes / tpot / (spec["bw"] * 1e9)
-        flops = batch * (prefill_flops(cost, e["PROMPT"]) + sum(decode_flops(cost, e["PROMPT"] + i + 1) for i in range(e["OUTPUT"] - 1)))
-        res["mfu"] = flops / (ttft + sum(steps)) / (spec["tflops"] * 1e12)
-    return res
-
-run(1)  # warm-up: cuBLAS handles, allocator
-results = {"parameters": params, "method": "torch eager fp16, DynamicCache, batch of equal prompts, "
-           "cuda-synchronized wall time per call; MBU with mean context", "runs": [run(1), run(8)]}
-json.dump(results, open(sys.argv[1], "w"), indent=2)
-print(f"parameters {params / 1e6:.0f}M")
-for r in results["runs"]:
-    extra = f"  MBU {100 * r['mbu']:.1f}%  MFU {100 * r['mfu']:.1f}%" if "mbu" in r else ""
-    print(f"batch {r['batch']}: TTFT {r['ttft_ms']:.2f} ms  TPOT {r['tpot_ms']:.2f} ms  "
-          f"{r['output_throughput_tok_s']:.0f} tok/s{extra}")
+        u = mbu(decode_step_bytes(c["weight_bytes_per_decode_step"], c["kv_bytes_per_token"], b, P, O), tpot, spec["bw"])
+        flops = b * (prefill_flops(cost, P) + sum(decode_flops(cost, P + i + 1) for i in range(O - 1)))
+        extra = f"  MBU {100 * u:.1f}%  MFU {100 * flops / (e2e / 1e3) / (spec['tflops'] * 1e12):.1f}%"
+    print(f"batch {b}: TTFT {ttft:.2f} ms  TPOT {tpot:.2f} ms  {p50(s['output_throughput_tok_s']):.0f} tok/s  "
+          f"peak {run['peak_memory_mb']:.0f} MiB{extra}")
 EOF
+else
+  echo "PyTorch eager run failed:"; tail -n 20 "$OUT/torch_eager.log"
+fi
 echo
 echo "results in $OUT"

@@ -1,0 +1,678 @@
+"""recipec against the baseline a user starts from and against its peers, on one machine, in one run.
+
+    python bench/run.py [--size small|medium] [--out bench/results] [--threads N] [--skip-peers] [--resume]
+    python bench/run.py --render bench/results/<file>.json    # rewrite docs/benchmarks.md's section from a results file
+
+For the size's random-weight llama (bench/recipes/<size>.yaml) and the trained reference model
+(bench/recipes/reference.yaml, for quality), with one workload (prompt 128, output 64, batch/concurrency 1
+and 4, the recipes' `serving.workload`):
+  - PyTorch eager: transformers `generate` on the source model (bench/common.py torch-eager);
+  - recipec: `recipec build` of the recipe (passes whose op is not registered are dropped and reported
+    "not available"), its report.json's serving runs and quality;
+  - onnxruntime-genai's model builder (fp32, int4) run through og.Generator, and Optimum's ONNX export run
+    by ORTModelForCausalLM, each in its own virtual environment under bench/.venvs/ (bench/peers.py);
+  - the physical limit: this machine's measured memory bandwidth and the decode TPOT it allows for the
+    bytes each variant reads per step (MBU = that floor / measured TPOT).
+Writes <out>/<date>-<machine>-<size>.json and the size's section of docs/benchmarks.md. Peer builds are
+cached under bench/.cache/peers/, recipec's stages in its own cache; --resume reuses the finished phases of
+an interrupted run of the same size.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common as C  # noqa: E402
+
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+
+RECIPES = C.BENCH / "recipes"
+SIZES = ("small", "medium")
+KL_GATE = 0.05  # the quality gate of the e2e target: KL(source || variant) in nats per token
+E2E_TARGET = 0.80  # e2e latency at least 80% below PyTorch eager
+MBU_TARGET = 0.60  # decode MBU at batch 1
+DOCS = C.ROOT / "docs" / "benchmarks.md"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+# The peers: (id, environment, system, precision). Their build commands are in build_peer.
+PEERS = [("genai-fp32", "genai", "onnxruntime-genai", "fp32"),
+         ("genai-int4", "genai", "onnxruntime-genai", "int4"),
+         ("optimum-fp32", "optimum", "optimum-onnx", "fp32")]
+
+
+def say(msg: str) -> None:
+    load = C.load_avg()
+    print(f"[{time.strftime('%H:%M:%S')} load {load[0] if load else '?'}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------- phases (resumable)
+
+class Phases:
+    """Each phase's result as JSON under bench/.cache/runs/<size>/; --resume reuses the ones that finished."""
+
+    def __init__(self, size: str, resume: bool):
+        self.dir = C.CACHE / "runs" / size
+        if not resume and self.dir.exists():
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.timings: dict[str, float] = {}
+
+    def path(self, name: str, suffix: str = ".json") -> Path:
+        return self.dir / f"{name}{suffix}"
+
+    def run(self, name: str, fn: Callable[[], Any]) -> Any:
+        path = self.path(name)
+        if path.is_file():
+            say(f"{name}: reusing the result of the interrupted run")
+            return json.loads(path.read_text())
+        started = time.perf_counter()
+        result = fn()
+        self.timings[name] = round(time.perf_counter() - started, 1)
+        path.write_text(json.dumps(result, indent=1, default=_json_default))
+        return result
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o).__name__)
+
+
+# ---------------------------------------------------------------- recipes
+
+def prepare_recipe(src: Path, threads: int) -> tuple[Path, dict[str, Any], dict[str, str]]:
+    """A copy of the bench recipe without the passes whose op recipec does not register (and what depends
+    on them), with every `after` explicit and serving.threads set; and the dropped variants with why."""
+    from recipec.passes import PASSES
+
+    data = yaml.safe_load(src.read_text())
+    entries = data.get("passes", [])
+    previous, kept, dropped = "source", [], {}
+    first_parents = []
+    for entry in entries:
+        after = entry.get("after", previous)
+        parents = [after] if isinstance(after, str) else list(after)
+        first_parents.append(parents[0])
+        previous = entry["id"]
+        missing = next((p for p in parents if p in dropped), None)
+        if entry["op"] not in PASSES:
+            dropped[entry["id"]] = f"op {entry['op']!r} is not registered in recipec.passes (has: {', '.join(sorted(PASSES))})"
+        elif missing:
+            dropped[entry["id"]] = dropped[missing]
+        else:
+            kept.append({**entry, "after": after})
+    leaves = {e["id"] for e in entries} - set(first_parents)
+    data["passes"] = kept
+    serving = data.setdefault("serving", {})
+    serving["device"] = "cpu"
+    if threads:
+        serving["threads"] = threads
+    out = C.CACHE / "recipes" / src.name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"# generated by bench/run.py from bench/recipes/{src.name}; edit that file, not this one\n"
+                   + yaml.safe_dump(data, sort_keys=False, width=120))
+    return out, data, {v: why for v, why in dropped.items() if v in leaves}
+
+
+# ---------------------------------------------------------------- recipec
+
+def recipec_build(recipe: Path, name: str, log_dir: Path) -> dict[str, Any]:
+    out_root = C.CACHE / "out"
+    report_path = out_root / name / "report.json"
+    started = time.time()
+    log = log_dir / f"{name}-build.log"
+    say(f"recipec build {recipe.relative_to(C.ROOT)} (log: {log.relative_to(C.ROOT)})")
+    cmd = [sys.executable, "-m", "recipec.cli", "build", str(recipe), "--out", str(out_root)]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=C.ROOT,
+                                env={**os.environ, "COLUMNS": "160"})
+        for line in proc.stdout:
+            f.write(line)
+            if line.lstrip().startswith(("done", "running", "cached", "profiling ", "wrote", "error", "gate")):
+                print(f"    {line.rstrip()}", flush=True)
+    rc = proc.wait()
+    if not report_path.is_file() or report_path.stat().st_mtime < started:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
+        raise RuntimeError(f"recipec build {recipe} wrote no report (exit {rc}):\n{tail}")
+    manifest = json.loads((out_root / name / "manifest.json").read_text())
+    return {"exit_code": rc, "out_dir": str(out_root / name), "report": json.loads(report_path.read_text()),
+            "manifest": manifest, "seconds": round(time.time() - started, 1)}
+
+
+def source_dir(manifest: dict[str, Any]) -> Path:
+    from recipec.cache import StageCache
+
+    key = next(s["key"] for s in manifest["stages"] if s["id"] == "source")
+    entry = StageCache(warn=lambda s: None).lookup(key)
+    if entry is None:
+        raise RuntimeError(f"the source stage {key[:12]} is not in recipec's cache any more")
+    return entry.output
+
+
+def variant_ops(manifest: dict[str, Any], variant: str) -> list[dict[str, Any]]:
+    """The stages from the source to the variant, in order."""
+    stages = {s["id"]: s for s in manifest["stages"]}
+    chain, sid = [], manifest["variants"][variant]["stage"]
+    while sid in stages and sid != "source":
+        chain.append(stages[sid])
+        sid = stages[sid]["after"][0]
+    return chain[::-1]
+
+
+def precision_of(ops: list[dict[str, Any]]) -> str:
+    schemes = [s["params"].get("scheme") for s in ops if s["op"] == "quantize"]
+    if not schemes:
+        return "fp32"
+    return {"int8-dynamic": "int8", "int8-static": "int8", "int4": "int4", "fp16": "fp16"}[schemes[-1]]
+
+
+# ---------------------------------------------------------------- models for the peers
+
+def hf_dir_with_tokenizer(src: Path, key: str) -> Path:
+    """The source model as a save_pretrained directory with tokenizer files (onnxruntime-genai's builder and
+    Optimum need them). The reference model has its own; a random-weight model gets a word-level tokenizer
+    with one token per id (t0, t1, ...), so the vocabulary matches the model's."""
+    if any((src / f).is_file() for f in TOKENIZER_FILES):
+        return src
+    target = C.CACHE / "models" / key[:16]
+    if (target / "tokenizer_config.json").is_file():
+        return target
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    config = json.loads((src / "config.json").read_text())
+    vocab = int(config["vocab_size"])
+    specials = {config.get("bos_token_id", 1): "<s>", config.get("eos_token_id", 2): "</s>"}
+    specials = {k: v for k, v in specials.items() if isinstance(k, int)}
+    unk = 0 if 0 not in specials else next(i for i in range(vocab) if i not in specials)
+    specials[unk] = "<unk>"
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({specials.get(i, f"t{i}"): i for i in range(vocab)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp / "tokenizer.json"))
+    eos = specials.get(config.get("eos_token_id"), "</s>")
+    (tmp / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", "bos_token": "<s>", "eos_token": eos,
+        "pad_token": eos, "model_max_length": int(config.get("max_position_embeddings", 2048))}, indent=1))
+    os.replace(tmp, target)
+    return target
+
+
+def build_peer(peer: str, env: str, python: Path, hf: Path, key: str, log: Path) -> tuple[Path, dict[str, Any]]:
+    """The peer's model directory, built once per (source model, peer) and kept in bench/.cache/peers/."""
+    target = C.CACHE / "peers" / key[:16] / peer
+    marker = target / "bench-build.json"
+    if marker.is_file():
+        return target, json.loads(marker.read_text())
+    shutil.rmtree(target, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if env == "genai":
+        precision = peer.split("-")[-1]
+        cmd = [python, "-m", "onnxruntime_genai.models.builder", "-i", hf, "-o", target, "-p", precision, "-e", "cpu",
+               "-c", C.CACHE / "peers" / "genai-builder-cache"]
+    else:
+        cmd = [python.parent / "optimum-cli", "export", "onnx", "--model", hf, "--task", "text-generation-with-past",
+               target]
+    started = time.perf_counter()
+    C.run(cmd, log_file=log, cwd=C.CACHE, timeout=3600)
+    info = {"command": " ".join(str(c).replace(str(C.ROOT) + "/", "") for c in cmd),
+            "seconds": round(time.perf_counter() - started, 1)}
+    marker.write_text(json.dumps(info, indent=1))
+    return target, info
+
+
+# ---------------------------------------------------------------- rows
+
+def _serving_runs_recipec(variant: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    runs = {}
+    for run in variant["serving"]:
+        if "concurrency" not in run:
+            continue
+        s = run["samples"]
+        runs[str(run["concurrency"])] = {
+            "samples": {"ttft_ms": s["ttft_ms"], "tpot_ms": s["tpot_ms"], "e2e_latency_ms": s["e2e_latency_ms"],
+                        "output_throughput_tok_s": [run["output_throughput_tok_s"]]},
+            "peak_memory_mb": run["peak_memory_mb"], "host_load_avg": [run.get("host_load_avg_1m")],
+            "recipec_mbu": run.get("mbu"), "decode_step_ms": run.get("decode_step_ms")}
+    return runs
+
+
+def _batch_runs(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {str(r["batch"]): {"samples": r["samples"], "peak_memory_mb": r["peak_memory_mb"],
+                              "host_load_avg": r["host_load_avg"]} for r in result["runs"]}
+
+
+def make_row(model: str, system: str, variant: str, precision: str, runs: dict[str, dict[str, Any]] | None,
+             weight_bytes: int | None, artifact_bytes: int | None, quality: dict[str, Any] | None,
+             status: str = "ok", reason: str | None = None, **extra: Any) -> dict[str, Any]:
+    out_runs = {}
+    for batch, run in (runs or {}).items():
+        stats = {k: C.summarize(v) for k, v in run["samples"].items()}
+        out_runs[batch] = {**{k: v for k, v in run.items() if k != "samples"}, **stats}
+    return {"model": model, "system": system, "variant": variant, "precision": precision, "status": status,
+            "reason": reason, "artifact_bytes": artifact_bytes, "weight_bytes_per_decode_step": weight_bytes,
+            "quality": quality, "runs": out_runs, **extra}
+
+
+def add_limits(rows: list[dict[str, Any]], bandwidth_gb_s: float, kv_bytes_per_token: int, prompt: int,
+               output: int, llc: dict[str, Any]) -> None:
+    """Per run: the bytes a decode step reads, the TPOT that the measured memory bandwidth allows for them,
+    and MBU. Where those bytes fit in the last-level cache, they need not come from memory at all: the run is
+    flagged and also gets the floor at the cache's measured copy bandwidth."""
+    for row in rows:
+        for batch, run in row["runs"].items():
+            if row["weight_bytes_per_decode_step"] is None:
+                continue
+            step = C.decode_step_bytes(row["weight_bytes_per_decode_step"], kv_bytes_per_token, int(batch), prompt,
+                                       output)
+            run["decode_step_bytes"] = int(step)
+            run["tpot_floor_ms"] = step / (bandwidth_gb_s * 1e9) * 1e3
+            tpot = (run.get("tpot_ms") or {}).get("p50")
+            run["mbu"] = C.mbu(step, tpot, bandwidth_gb_s)
+            run["fits_in_llc"] = bool(llc.get("bytes") and step < llc["bytes"])
+            if run["fits_in_llc"] and llc.get("bandwidth_gb_s"):
+                run["tpot_floor_llc_ms"] = step / (llc["bandwidth_gb_s"] * 1e9) * 1e3
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Every number as a ratio to PyTorch eager on the same model and batch size, measured in this run."""
+    base = {r["model"]: r for r in rows if r["system"] == "pytorch-eager" and r["status"] == "ok"}
+    for row in rows:
+        ref = base.get(row["model"])
+        if ref is None:
+            continue
+        for batch, run in row["runs"].items():
+            b = ref["runs"].get(batch)
+            if not b:
+                continue
+            ratio = {}
+            for key in ("ttft_ms", "tpot_ms", "e2e_latency_ms", "output_throughput_tok_s"):
+                if run.get(key) and b.get(key) and b[key]["p50"]:
+                    ratio[key] = run[key]["p50"] / b[key]["p50"]
+            if run.get("peak_memory_mb") and b.get("peak_memory_mb"):
+                ratio["peak_memory_mb"] = run["peak_memory_mb"] / b["peak_memory_mb"]
+            run["ratio_to_pytorch"] = ratio
+        if row["artifact_bytes"] and ref["artifact_bytes"]:
+            row["artifact_ratio_to_pytorch"] = row["artifact_bytes"] / ref["artifact_bytes"]
+
+
+# ---------------------------------------------------------------- one model
+
+def bench_model(key: str, recipe_src: Path, args, phases: Phases, log_dir: Path) -> dict[str, Any]:
+    from recipec.profiler import logit_quality
+
+    recipe, data, unavailable = prepare_recipe(recipe_src, args.threads)
+    name = data["name"]
+    workload = data["serving"]["workload"]
+    prompt, output = int(workload["prompt_tokens"]), int(workload["output_tokens"])
+    requests, warmup = int(workload["requests"]), int(workload.get("warmup_requests", 2))
+    batches = [int(c) for c in (workload["concurrency"] if isinstance(workload["concurrency"], list)
+                                else [workload["concurrency"]])]
+    common_args = ["--batches", ",".join(map(str, batches)), "--prompt", str(prompt), "--output", str(output),
+                   "--requests", str(requests), "--warmup", str(max(1, warmup // max(batches))),
+                   "--threads", str(args.threads)]
+
+    build = phases.run(f"{key}-recipec", lambda: recipec_build(recipe, name, log_dir))
+    report, manifest = build["report"], build["manifest"]
+    src = source_dir(manifest)
+    source_key = next(s["key"] for s in manifest["stages"] if s["id"] == "source")
+    rows: list[dict[str, Any]] = []
+
+    # eval tokens (exactly what the report's quality used) and the source's logits on them
+    tokens_path = phases.path(f"{key}-eval-tokens", ".npy")
+    from recipec.data import RecipeData
+
+    tokens = RecipeData(manifest["recipe"]["resolved"]["data"], src, recipe.parent).eval().numpy()
+    np.save(tokens_path, tokens)
+    source_logits: dict[str, np.ndarray] = {}
+
+    def quality_of(logits_path: Path) -> dict[str, Any]:
+        if "x" not in source_logits:
+            from recipec.profiler import source_reference
+
+            source_logits["x"] = source_reference(src, tokens)["logits"]
+        q = logit_quality(tokens, np.load(logits_path), source_logits["x"])
+        return {k: q[k] for k in ("kl_divergence", "top1_agreement", "perplexity", "source_perplexity")}
+
+    # PyTorch eager: the baseline
+    def pytorch() -> dict[str, Any]:
+        say(f"{key}: PyTorch eager generate")
+        out = phases.path(f"{key}-pytorch-raw")
+        C.run([sys.executable, C.BENCH / "common.py", "torch-eager", "--model-dir", src, "--out", out, *common_args],
+              log_file=log_dir / f"{key}-pytorch.log", timeout=7200)
+        return json.loads(out.read_text())
+    eager = phases.run(f"{key}-pytorch", pytorch)
+    cost = eager["cost"]
+    src_q = report["variants"]["baseline"]["quality"]
+    rows.append(make_row(key, "pytorch-eager", "source model", "fp32", _batch_runs(eager),
+                         cost["weight_bytes_per_decode_step"], C.dir_bytes(src),
+                         {"kl_divergence": 0.0, "top1_agreement": 1.0, "perplexity": src_q.get("source_perplexity"),
+                          "source_perplexity": src_q.get("source_perplexity")},
+                         note="the reference of every ratio", threads=eager.get("threads")))
+
+    # recipec's variants
+    for variant, entry in report["variants"].items():
+        ops = variant_ops(manifest, variant)
+        q = entry["quality"]
+        rows.append(make_row(key, "recipec", variant, precision_of(ops), _serving_runs_recipec(entry),
+                             entry["artifact"]["weight_bytes_per_decode_step"], entry["artifact"]["bytes"],
+                             {k: q.get(k) for k in ("kl_divergence", "top1_agreement", "perplexity",
+                                                     "source_perplexity", "greedy_agreement")},
+                             passes=" → ".join(f"{s['op']}" + (f"({s['params']['scheme']}"
+                                                                 + (f", acc{s['params']['accuracy_level']}"
+                                                                    if s["params"].get("accuracy_level") else "") + ")"
+                                                                 if s["op"] == "quantize" else "") for s in ops),
+                             pruned=any(s["op"] == "prune" for s in ops)))
+    for variant, why in unavailable.items():
+        rows.append(make_row(key, "recipec", variant, "-", None, None, None, None, "not available", why))
+
+    # the peers
+    hf = None
+    for peer, env, system, precision in PEERS:
+        if args.skip_peers:
+            rows.append(make_row(key, system, peer, precision, None, None, None, None, "not measured",
+                                 "--skip-peers"))
+            continue
+        try:
+            def measure(peer=peer, env=env) -> dict[str, Any]:
+                nonlocal hf
+                python = C.ensure_venv(env, log=say)
+                hf = hf or hf_dir_with_tokenizer(src, source_key)
+                say(f"{key}: {peer}: build")
+                model_dir, info = build_peer(peer, env, python, hf, source_key, log_dir / f"{key}-{peer}-build.log")
+                say(f"{key}: {peer}: serving runs")
+                kind = "genai" if env == "genai" else "optimum"
+                out = phases.path(f"{key}-{peer}-raw")
+                C.run([python, C.BENCH / "peers.py", f"{kind}-bench", "--model-dir", model_dir, "--out", out,
+                       *common_args], log_file=log_dir / f"{key}-{peer}.log", timeout=7200)
+                result = json.loads(out.read_text())
+                say(f"{key}: {peer}: logits on the eval windows")
+                logits = phases.path(f"{key}-{peer}-logits", ".npy")
+                C.run([python, C.BENCH / "peers.py", f"{kind}-logits", "--model-dir", model_dir, "--tokens",
+                       tokens_path, "--out", logits, "--threads", str(args.threads)],
+                      log_file=log_dir / f"{key}-{peer}.log", timeout=3600)
+                result["quality"] = quality_of(logits)
+                logits.unlink()
+                onnx_file = next(model_dir.glob("*.onnx"))
+                result["weights"] = C.onnx_decode_weight_bytes(onnx_file)
+                result["artifact_bytes"] = C.dir_bytes(model_dir)
+                result["build"] = info
+                return result
+            result = phases.run(f"{key}-{peer}", measure)
+            rows.append(make_row(key, system, peer, precision, _batch_runs(result),
+                                 result["weights"]["weight_bytes_per_decode_step"], result["artifact_bytes"],
+                                 result["quality"], build=result["build"], versions=result.get("versions")))
+        except Exception as exc:  # noqa: BLE001 - a peer that cannot handle the model is a row that says why
+            reason = _first_error(str(exc))
+            say(f"{key}: {peer}: FAILED: {reason}")
+            rows.append(make_row(key, system, peer, precision, None, None, None, None, "failed", reason))
+
+    return {"model": key, "recipe": str(recipe_src.relative_to(C.ROOT)), "name": name,
+            "config": {k: v for k, v in json.loads((src / "config.json").read_text()).items()
+                       if k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                "num_key_value_heads", "vocab_size", "tie_word_embeddings")},
+            "parameters": cost["parameters"], "kv_bytes_per_token": cost["kv_bytes_per_token"],
+            "workload": {"prompt_tokens": prompt, "output_tokens": output, "requests": requests, "batches": batches},
+            "recipec_build": {"exit_code": build["exit_code"], "seconds": build["seconds"],
+                              "gates_passed": report.get("gates_passed"),
+                              "stages": [{k: s[k] for k in ("id", "op", "seconds", "cached")}
+                                         for s in manifest["stages"]],
+                              "measured_bandwidth_gb_s": report["hardware"].get("measured_bandwidth_gb_s")},
+            "rows": rows}
+
+
+def _first_error(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if re.search(r"(Error|Exception|error:|not supported|Unsupported)", ln)]
+    return (errors[-1] if errors else lines[-1] if lines else text)[:300]
+
+
+# ---------------------------------------------------------------- targets
+
+def _p50(row: dict[str, Any], batch: str, metric: str) -> float | None:
+    return ((row["runs"].get(batch) or {}).get(metric) or {}).get("p50")
+
+
+def evaluate_targets(model: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = [r for r in model["rows"] if r["status"] == "ok"]
+    eager = next((r for r in rows if r["system"] == "pytorch-eager"), None)
+    ours = [r for r in rows if r["system"] == "recipec"]
+    out = []
+
+    passing = [r for r in ours if (r["quality"] or {}).get("kl_divergence") is not None
+               and r["quality"]["kl_divergence"] <= KL_GATE and _p50(r, "1", "e2e_latency_ms")]
+    if eager and passing:
+        best = min(passing, key=lambda r: _p50(r, "1", "e2e_latency_ms"))
+        cut = 1 - _p50(best, "1", "e2e_latency_ms") / _p50(eager, "1", "e2e_latency_ms")
+        out.append({"target": f"e2e latency (batch 1, p50) of the best variant with KL <= {KL_GATE} at least "
+                              f"{E2E_TARGET:.0%} below PyTorch eager", "met": cut >= E2E_TARGET,
+                    "value": cut, "detail": f"{best['variant']}: {_p50(best, '1', 'e2e_latency_ms'):.1f} ms vs "
+                                            f"{_p50(eager, '1', 'e2e_latency_ms'):.1f} ms, {cut:.1%} below "
+                                            f"(KL {best['quality']['kl_divergence']:.4f})"})
+    else:
+        out.append({"target": "e2e latency 80% below PyTorch eager", "met": None,
+                    "detail": "no PyTorch row or no variant passes the KL gate"})
+
+    for precision, peer in (("fp32", "genai-fp32"), ("int4", "genai-int4")):
+        mine = [r for r in ours if r["precision"] == precision and not r.get("pruned") and _p50(r, "1", "tpot_ms")]
+        theirs = next((r for r in rows if r["variant"] == peer), None)
+        label = f"recipec's best {precision} TPOT (batch 1, p50) no slower than onnxruntime-genai {precision}"
+        if not mine or theirs is None or not _p50(theirs, "1", "tpot_ms"):
+            why = "onnxruntime-genai row missing" if theirs is None else f"no recipec {precision} variant"
+            out.append({"target": label, "met": None, "detail": why})
+            continue
+        best = min(mine, key=lambda r: _p50(r, "1", "tpot_ms"))
+        a, b = _p50(best, "1", "tpot_ms"), _p50(theirs, "1", "tpot_ms")
+        out.append({"target": label, "met": a <= b, "value": a / b,
+                    "detail": f"{best['variant']} {a:.2f} ms vs {peer} {b:.2f} ms ({a / b:.2f}x)"})
+
+    mbus = [(r["runs"]["1"].get("mbu"), r["variant"]) for r in ours if r["runs"].get("1", {}).get("mbu")]
+    if mbus:
+        top = max(mbus)
+        out.append({"target": f"decode MBU > {MBU_TARGET} at batch 1", "met": top[0] > MBU_TARGET, "value": top[0],
+                    "detail": "best " + f"{top[1]} {top[0]:.2f}; " + ", ".join(f"{v} {m:.2f}" for m, v in mbus)})
+    return out
+
+
+# ---------------------------------------------------------------- markdown
+
+def _mib(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f}"
+
+
+def _cell(run: dict[str, Any], key: str, digits: int = 1, spread: bool = True) -> str:
+    s = run.get(key)
+    if not s:
+        return "-"
+    text = f"{s['p50']:.{digits}f}"
+    if spread and s["n"] > 1 and s["p50"]:
+        text += f" ±{(s['p90'] - s['p10']) / 2 / s['p50']:.0%}"
+    ratio = (run.get("ratio_to_pytorch") or {}).get(key)
+    return text + (f" ({ratio:.2f}×)" if ratio is not None else "")
+
+
+def render_section(results: dict[str, Any]) -> str:
+    hw = results["hardware"]
+    lines = [f"Run {results['started_at']} on {hw['name']} ({hw['cores']} cores, {hw['memory_gb']:.0f} GiB), "
+             f"`python bench/run.py --size {results['size']}" + (f" --threads {results['threads']}" if results["threads"] else "")
+             + f"`: {results['wall_seconds'] / 60:.1f} min wall. Host load average (1/5/15 min) at start "
+             f"{results['load_avg_start']}, at end {results['load_avg_end']}."
+             + (" **The host was busy: these timings are not final.**" if results["busy"] else ""),
+             "",
+             f"Measured memory bandwidth (the physical limit): **{results['bandwidth_gb_s']:.2f} GB/s** "
+             f"({results['bandwidth_method']}).", ""]
+    for model in results["models"]:
+        cfg = model["config"]
+        lines += [f"### {model['model']}: {model['parameters'] / 1e6:.1f}M parameters",
+                  "", f"`{model['recipe']}`: hidden {cfg.get('hidden_size')}, {cfg.get('num_hidden_layers')} layers, "
+                  f"{cfg.get('num_attention_heads')} heads / {cfg.get('num_key_value_heads')} kv heads, vocabulary "
+                  f"{cfg.get('vocab_size')}; prompt {model['workload']['prompt_tokens']}, output "
+                  f"{model['workload']['output_tokens']}, {model['workload']['requests']} requests per batch size.", ""]
+        header = ["system", "variant", "prec.", "B", "TTFT ms", "TPOT ms", "e2e ms", "tok/s", "TPOT floor ms", "MBU",
+                  "peak MiB", "size MiB", "KL", "ppl", "load"]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for row in model["rows"]:
+            if row["status"] != "ok":
+                lines.append(f"| {row['system']} | {row['variant']} | {row['precision']} | | "
+                             f"**{row['status']}**: {row['reason']} |" + " |" * (len(header) - 5))
+                continue
+            q = row["quality"] or {}
+            for batch, run in sorted(row["runs"].items(), key=lambda kv: int(kv[0])):
+                ratio_mem = (run.get("ratio_to_pytorch") or {}).get("peak_memory_mb")
+                size_ratio = row.get("artifact_ratio_to_pytorch")
+                lines.append("| " + " | ".join([
+                    row["system"], row["variant"], row["precision"], batch,
+                    _cell(run, "ttft_ms"), _cell(run, "tpot_ms", 2), _cell(run, "e2e_latency_ms", 0),
+                    _cell(run, "output_throughput_tok_s", 0, spread=row["system"] != "recipec"),
+                    "-" if run.get("tpot_floor_ms") is None else f"{run['tpot_floor_ms']:.2f}",
+                    "-" if run.get("mbu") is None else f"{run['mbu']:.2f}" + ("†" if run.get("fits_in_llc") else ""),
+                    "-" if not run.get("peak_memory_mb") else f"{run['peak_memory_mb']:.0f}"
+                    + (f" ({ratio_mem:.2f}×)" if ratio_mem else ""),
+                    _mib(row["artifact_bytes"]) + (f" ({size_ratio:.2f}×)" if size_ratio else ""),
+                    "-" if q.get("kl_divergence") is None else f"{q['kl_divergence']:.4f}",
+                    "-" if q.get("perplexity") is None else f"{q['perplexity']:.2f}",
+                    ",".join(f"{x:.1f}" for x in (run.get("host_load_avg") or [])[:1] if x is not None) or "-",
+                ]) + " |")
+        if any(run.get("fits_in_llc") for row in model["rows"] for run in row["runs"].values()):
+            llc = results.get("last_level_cache") or {}
+            lines += ["", f"† the bytes a decode step reads fit in the {llc.get('bytes', 0) / 2**20:.0f} MiB last-level "
+                      "cache, so memory bandwidth is no bound for this run (MBU can exceed 1); copy bandwidth inside "
+                      f"that cache measured {llc.get('bandwidth_gb_s', 0):.1f} GB/s."]
+        lines += ["", "Targets:", ""]
+        for t in model["targets"]:
+            mark = {True: "**met**", False: "**not met**", None: "**not evaluated**"}[t["met"]]
+            lines.append(f"- {t['target']}: {mark} — {t['detail']}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def update_docs(results: dict[str, Any], docs: Path) -> None:
+    begin, end = f"<!-- bench:{results['size']}:begin -->", f"<!-- bench:{results['size']}:end -->"
+    section = f"{begin}\n{render_section(results)}\n{end}"
+    text = docs.read_text() if docs.is_file() else "# Benchmarks\n"
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + f"\n\n## Results: --size {results['size']}\n\n{section}\n"
+    docs.write_text(text)
+
+
+# ---------------------------------------------------------------- main
+
+def machine_slug(name: str, cores: int | None) -> str:
+    words = [w for w in re.split(r"[^a-z0-9]+", name.lower()) if w and w not in ("r", "tm", "cpu", "processor", "intel", "amd")]
+    return "-".join(words[:3] + [f"{cores}c"]) if words else f"{platform.machine()}-{cores}c"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=SIZES, default="small")
+    parser.add_argument("--out", type=Path, default=C.BENCH / "results")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="intra-op threads for every system (0 = each library's default: all cores)")
+    parser.add_argument("--skip-peers", action="store_true", help="leave onnxruntime-genai and Optimum out")
+    parser.add_argument("--models", default="main,reference", help="main (the size's model), reference, or both")
+    parser.add_argument("--resume", action="store_true", help="reuse the finished phases of an interrupted run")
+    parser.add_argument("--docs", type=Path, default=DOCS, help="Markdown file whose section for the size is rewritten")
+    parser.add_argument("--no-docs", action="store_true")
+    parser.add_argument("--render", type=Path, metavar="RESULTS_JSON",
+                        help="measure nothing: rewrite the docs section from a results file")
+    args = parser.parse_args(argv)
+    if args.render:
+        results = json.loads(args.render.read_text())
+        update_docs(results, args.docs)
+        print(render_section(results))
+        return 0
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from recipec.hardware import hardware_info, measure_bandwidth
+
+    t0 = time.perf_counter()
+    started_at = dt.datetime.now().astimezone()
+    load_start = C.load_avg()
+    phases = Phases(args.size, args.resume)
+    log_dir = phases.dir / "logs"
+    log_dir.mkdir(exist_ok=True)
+    say(f"bench --size {args.size}; logs in {log_dir.relative_to(C.ROOT)}")
+    hw = hardware_info("cpu")
+    bw = [(hw["measured_bandwidth_gb_s"], hw["measured_bandwidth_method"])]
+    say(f"memory bandwidth {bw[0][0]:.2f} GB/s")
+
+    wanted = args.models.split(",")
+    models = []
+    if "main" in wanted:
+        models.append(bench_model(args.size, RECIPES / f"{args.size}.yaml", args, phases, log_dir))
+    if "reference" in wanted:
+        models.append(bench_model("reference", RECIPES / "reference.yaml", args, phases, log_dir))
+
+    bw.append(measure_bandwidth("cpu"))
+    bw += [(m["recipec_build"]["measured_bandwidth_gb_s"], "recipec build's hardware_info")
+           for m in models if m["recipec_build"]["measured_bandwidth_gb_s"]]
+    best_bw = max(bw, key=lambda x: x[0])
+    llc = {"bytes": C.llc_bytes()}
+    if llc["bytes"]:
+        llc["buffer_bytes"] = min(llc["bytes"] // 8, 64 << 20)
+        llc["bandwidth_gb_s"] = C.copy_bandwidth(llc["buffer_bytes"])
+        say(f"last-level cache {llc['bytes'] / 2**20:.0f} MiB, copy bandwidth inside it {llc['bandwidth_gb_s']:.1f} GB/s")
+    for model in models:
+        add_limits(model["rows"], best_bw[0], model["kv_bytes_per_token"], model["workload"]["prompt_tokens"],
+                   model["workload"]["output_tokens"], llc)
+        add_ratios(model["rows"])
+        model["targets"] = evaluate_targets(model)
+
+    load_end = C.load_avg()
+    cores = os.cpu_count() or 1
+    results = {
+        "schema": 1, "size": args.size, "threads": args.threads, "started_at": started_at.isoformat(timespec="seconds"),
+        "wall_seconds": round(time.perf_counter() - t0, 1), "phase_seconds": phases.timings,
+        "load_avg_start": load_start, "load_avg_end": load_end,
+        "busy": any(x is not None and x > 0.5 * cores for x in (load_start or [])[:1] + (load_end or [])[:1]),
+        "hardware": {k: hw.get(k) for k in ("name", "cores", "memory_gb")},
+        "bandwidth_gb_s": best_bw[0],
+        "bandwidth_method": f"best of {len(bw)} measurements (at start, at end, and in each recipec build): "
+                            + best_bw[1],
+        "bandwidth_measurements_gb_s": [round(x[0], 3) for x in bw],
+        "last_level_cache": llc,
+        "kl_gate": KL_GATE, "models": models,
+        "definitions": {
+            "ttft_ms/tpot_ms/e2e_latency_ms": "per request; p50/p10/p90/min/max over requests. TPOT = (e2e - TTFT) / "
+                                              "(n_out - 1) (vLLM's definition)",
+            "batch": "recipec: closed-loop concurrency with continuous batching (recipec's profiler); PyTorch, "
+                     "onnxruntime-genai, Optimum: B requests sent together as one batch",
+            "output_throughput_tok_s": "recipec: Σ output tokens / run duration; others: B·n_out / call time, per call",
+            "tpot_floor_ms": "bytes one decode step reads (weights as stored, minus gathered embedding tables, plus "
+                             "KV cache at the mean decode context) / measured bandwidth",
+            "mbu": "tpot_floor_ms / TPOT p50",
+            "quality": "KL(source || system) in nats per token, top-1 agreement and perplexity on the recipe's eval "
+                       "windows, every position, one window at a time",
+            "ratio_to_pytorch": "p50 of the system / p50 of PyTorch eager, same model and batch, this run",
+        },
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{started_at:%Y-%m-%d}-{machine_slug(hw['name'], hw.get('cores'))}-{args.size}.json"
+    path.write_text(json.dumps(results, indent=1, default=_json_default) + "\n")
+    say(f"wrote {path}")
+    if not args.no_docs:
+        update_docs(results, args.docs)
+        say(f"updated {args.docs}")
+    print(render_section(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
