@@ -17,8 +17,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -319,11 +320,11 @@ def copy_bandwidth(nbytes: int, budget_s: float = 1.0) -> float:
 
         src = torch.ones(nbytes // 4, dtype=torch.float32)
         dst = torch.empty_like(src)
-        copy = lambda: dst.copy_(src)  # noqa: E731
+        copy = lambda: dst.copy_(src)
     except ImportError:
         src = np.ones(nbytes // 4, dtype=np.float32)
         dst = np.empty_like(src)
-        copy = lambda: np.copyto(dst, src)  # noqa: E731
+        copy = lambda: np.copyto(dst, src)
     copy()
     best, reps, end = 0.0, 0, time.perf_counter() + budget_s
     while reps < 5 or time.perf_counter() < end:
@@ -395,14 +396,15 @@ def ensure_venv(name: str, log: Callable[[str], None] = print) -> Path:
 def _probe(python: Path, code: str) -> bool:
     if not python.exists():
         return False
-    return subprocess.run([str(python), "-c", code], capture_output=True).returncode == 0
+    return subprocess.run([str(python), "-c", code], capture_output=True, check=False).returncode == 0
 
 
 def run(cmd: Sequence[str], log_file: Path | None = None, timeout: float | None = None, env: dict | None = None,
         cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run a command, appending its output to log_file; raise RuntimeError with the output's tail on failure."""
     started = time.perf_counter()
-    proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+    proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd,
+                          check=False)
     text = proc.stdout + proc.stderr
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -435,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    log = lambda s: print(f"[torch-eager] {s}", file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda s: print(f"[torch-eager] {s}", file=sys.stderr, flush=True)
     result = torch_eager(args.model_dir, json.loads(args.config_json) if args.config_json else None, args.device,
                          args.dtype, [int(b) for b in args.batches.split(",")], args.prompt, args.output, args.requests,
                          args.warmup, args.seed, args.threads, log)

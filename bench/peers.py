@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_avg, measure_batches  # noqa: E402
+from common import load_avg, measure_batches
 
 
 def _log(s: str) -> None:
