@@ -180,38 +180,46 @@ def pretrain(family: str, config_overrides: dict[str, Any], seed: int, spec: dic
     started = time.perf_counter()
     spec, out_dir, save_dtype = fill_defaults(spec), Path(out_dir), _dtype(dtype)
     config = build_config(family, config_overrides)
-    if spec["seq_len"] > getattr(config, "max_position_embeddings", spec["seq_len"]):
-        raise PassError(f"pretrain.seq_len {spec['seq_len']} exceeds the model's max_position_embeddings "
-                        f"{config.max_position_embeddings}")
+    max_positions = getattr(config, "max_position_embeddings", None)
+    if max_positions is not None and spec["seq_len"] > max_positions:
+        raise PassError(f"pretrain.seq_len {spec['seq_len']} exceeds the model's max_position_embeddings {max_positions}")
     counts = corpus.file_counts(spec["corpus"], base_dir)
     log(f"pretrain: training a {spec['vocab_size']}-token BPE tokenizer on {counts['train']} files")
-    tokenizer = corpus.train_tokenizer(spec["corpus"], spec["vocab_size"], base_dir, out_dir,
-                                       model_max_length=getattr(config, "max_position_embeddings", None))
+    tokenizer = corpus.train_tokenizer(spec["corpus"], spec["vocab_size"], base_dir, out_dir, max_positions)
     config.vocab_size = len(tokenizer)
     config.bos_token_id = config.eos_token_id = config.pad_token_id = tokenizer.eos_token_id
-    stream = torch.from_numpy(corpus.token_stream(tokenizer, spec["corpus"], "train", base_dir, cache_dir)
-                              .astype("int64"))
+    stream = corpus.token_stream(tokenizer, spec["corpus"], "train", base_dir, cache_dir)
     eval_windows = corpus.token_windows(tokenizer, spec["corpus"], "eval", spec["eval_samples"], spec["seq_len"],
                                         seed, base_dir, cache_dir)
-
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    parameters = sum(p.numel() for p in model.parameters())
-    log(f"pretrain: {family} with {parameters:,} parameters on {len(stream):,} train tokens")
-    losses = _train(model, stream, spec, seed, progress)
+    model = _init_model(config, seed)
+    log(f"pretrain: {family} with {_count(model):,} parameters on {len(stream):,} train tokens")
+    losses = _train(model, torch.from_numpy(stream.astype("int64")), spec, seed, progress)
     eval_loss = evaluate(model, eval_windows)
     _save(model, config, out_dir, save_dtype)
-    tail = losses[-min(10, len(losses)):]
-    metrics = {
-        "eval_perplexity": math.exp(eval_loss), "eval_loss": eval_loss,
-        "train_loss": sum(tail) / len(tail), "initial_train_loss": losses[0],
-        "vocab_size": config.vocab_size, "parameters": parameters, "steps": spec["steps"],
-        "tokens_seen": spec["steps"] * spec["batch_size"] * spec["seq_len"],
-        "train_tokens": len(stream), "train_files": counts["train"], "eval_files": counts["eval"],
-        "eval_tokens": eval_windows.numel(), "seconds": time.perf_counter() - started,
-    }
+    metrics = _metrics(spec, losses, eval_loss, model, counts, len(stream), eval_windows.numel(), started)
     log(f"pretrain: eval perplexity {metrics['eval_perplexity']:.2f} (vocab {config.vocab_size}), "
         f"train loss {metrics['train_loss']:.3f}, {metrics['seconds']:.0f} s")
     return metrics
+
+
+def _init_model(config, seed: int):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def _count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _metrics(spec, losses, eval_loss, model, counts, train_tokens, eval_tokens, started) -> dict[str, Any]:
+    tail = losses[-min(10, len(losses)):]  # one batch's loss is noisy; the last ten steps' mean is not
+    return {
+        "eval_perplexity": math.exp(eval_loss), "eval_loss": eval_loss,
+        "train_loss": sum(tail) / len(tail), "initial_train_loss": losses[0],
+        "vocab_size": model.config.vocab_size, "parameters": _count(model), "steps": spec["steps"],
+        "tokens_seen": spec["steps"] * spec["batch_size"] * spec["seq_len"],
+        "train_tokens": train_tokens, "train_files": counts["train"], "eval_files": counts["eval"],
+        "eval_tokens": eval_tokens, "seconds": time.perf_counter() - started,
+    }

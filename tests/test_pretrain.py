@@ -172,6 +172,9 @@ def test_config_overrides_are_checked():
     with pytest.raises(PassError, match="unknown model family"):
         pretrain.build_config("no_such_family", {})
     assert pretrain.build_config("llama", {"hidden_size": 64}).hidden_size == 64
+    with pytest.raises(PassError, match="exceeds the model's max_position_embeddings 32"):
+        pretrain.pretrain("llama", {"max_position_embeddings": 32}, 0, {"seq_len": 64}, Path("."), Path("unused"),
+                          _progress, print)
 
 
 def test_schema_is_valid_and_its_defaults_validate():
