@@ -36,9 +36,15 @@ class Located:
 
 
 def load(text: str) -> Located:
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)  # its constructor already scans for unprintable characters
         node = loader.get_single_node()
+    except yaml.reader.ReaderError as exc:
+        line, col = _line_col(text, exc.position)
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        raise YamlProblem(f"malformed YAML: unprintable character U+{code:04X} (control characters are not "
+                          f"allowed in YAML)", line, col) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -48,13 +54,19 @@ def load(text: str) -> Located:
     except RecursionError:
         raise YamlProblem(f"YAML nested too deeply (more than {_MAX_DEPTH} levels)", 1, 1) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if node is None:
         raise YamlProblem("the file is empty: a recipe is a YAML mapping", 1, 1)
     out = Located(None)
     budget = [_MAX_NODES]
     out.value = _convert(loader, node, (), out, budget)
     return out
+
+
+def _line_col(text: str, index: int) -> tuple[int, int]:
+    before = text[:index]
+    return before.count("\n") + 1, index - (before.rfind("\n") + 1) + 1
 
 
 def _pos(node: yaml.Node) -> tuple[int, int]:
