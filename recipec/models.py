@@ -7,6 +7,7 @@ device and the stage is refused when it would not fit in the memory that is free
 """
 from __future__ import annotations
 
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -37,9 +38,11 @@ def family_config(family: str, overrides: dict[str, Any]):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.for_model(family, **overrides)
-    except (ValueError, TypeError) as exc:
-        raise PassError(f"cannot build a {family} config from {overrides}: {exc}") from None
+        config = AutoConfig.for_model(family, **overrides)
+        config.validate()
+        return config
+    except Exception as exc:  # transformers raises whatever its dataclass checks or __init__ arithmetic raise
+        raise PassError(f"cannot build a {family} config from {overrides}: {_one_line(exc)}") from None
 
 
 def check_fits(config, dtype: str, purpose: str) -> dict[str, Any]:
@@ -55,11 +58,29 @@ def check_fits(config, dtype: str, purpose: str) -> dict[str, Any]:
     return {"parameters": parameters, "estimated_peak_bytes": int(need), "available_bytes": int(available)}
 
 
+def estimated_source_bytes(model: dict[str, Any], base_dir: Path) -> int:
+    """What the source stage will write: the weights at the recipe's dtype (0 where only the hub knows).
+    A synthetic model that cannot fit in memory is refused here, before the disk is looked at."""
+    if model["source"] == "synthetic":
+        config = family_config(model["family"], model["config"])
+        fit = check_fits(config, "float32" if "pretrain" in model else model["dtype"],
+                         "pretrain" if "pretrain" in model else "load")
+        return fit["parameters"] * torch.tensor([], dtype=DTYPES[model["dtype"]]).element_size()
+    if model["source"] == "path":
+        from .diskspace import tree_bytes
+
+        return 2 * tree_bytes(base_dir / model["path"])  # a bf16 checkpoint saved at float32 doubles
+    return 0
+
+
 def count_parameters(config) -> int:
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as exc:  # a config transformers accepts can still describe an impossible model
+        raise PassError(f"cannot build a {config.model_type} model from its config: {_one_line(exc)}") from None
     return sum(p.numel() for p in model.parameters())
 
 
@@ -91,13 +112,17 @@ def _from_directory(model, directory: Path, out_dir: Path, log) -> dict[str, Any
         log(f"warning: trust_remote_code is on: Python code from {directory} will run")
     try:
         config = AutoConfig.from_pretrained(directory, trust_remote_code=trust)
-    except (OSError, ValueError) as exc:
-        raise PassError(f"cannot read the model config in {directory}: {exc}") from None
+    except Exception as exc:  # the file (or, with trust_remote_code, its code) is the user's: any error is theirs
+        raise PassError(f"cannot read the model config in {directory}: {_one_line(exc)}") from None
     fit = check_fits(config, model["dtype"], "load")
     if not any(directory.glob("*.safetensors")):
         log(f"note: {directory} has no safetensors weights; loading PyTorch weights with weights_only=True")
     try:
         lm = AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES[model["dtype"]], trust_remote_code=trust)
+    except pickle.UnpicklingError as exc:  # torch's weights_only refusal: the checkpoint pickles more than tensors
+        raise PassError(f"refused to load the PyTorch weights in {directory}: the checkpoint holds objects other "
+                        f"than tensors, and unpickling them could run code ({_one_line(exc)[:300]}); convert it to "
+                        "safetensors") from None
     except (OSError, ValueError) as exc:
         raise PassError(f"cannot load the model in {directory}: {exc}") from None
     lm.save_pretrained(out_dir)
@@ -130,3 +155,7 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
             shutil.copy2(src / name, dst / name)
             copied.append(name)
     return copied
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: " + " ".join(str(exc).split())

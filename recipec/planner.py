@@ -17,6 +17,7 @@ from typing import Any
 
 import networkx as nx
 
+from .errors import PassError
 from .passes import PASSES
 from .recipe import Problem, Recipe, RecipeInvalid, format_path
 
@@ -97,13 +98,13 @@ class Plan:
 
 def plan_problems(recipe: Recipe) -> list[Problem]:
     try:
-        build_plan(recipe)
+        build_plan(recipe, with_keys=False)  # keys hash data files, which semantic checks have not vetted yet
     except RecipeInvalid as exc:
         return exc.problems
     return []
 
 
-def build_plan(recipe: Recipe, versions: dict[str, str] | None = None) -> Plan:
+def build_plan(recipe: Recipe, versions: dict[str, str] | None = None, with_keys: bool = True) -> Plan:
     """Build and check the stage graph; raises RecipeInvalid with every rule that is broken."""
     stages, problems = _declared_stages(recipe)
     if problems:
@@ -123,9 +124,10 @@ def build_plan(recipe: Recipe, versions: dict[str, str] | None = None) -> Plan:
     problems = _gate_variant_problems(plan) + _pass_check_problems(plan)
     if problems:
         raise RecipeInvalid(str(recipe.file), problems)
-    from .keys import assign_keys
+    if with_keys:
+        from .keys import assign_keys
 
-    assign_keys(plan, versions)
+        assign_keys(plan, versions)
     return plan
 
 
@@ -267,7 +269,11 @@ def _pass_check_problems(plan: Plan) -> list[Problem]:
     checked = [s for s in plan.stages if s.op in PASSES and PASSES[s.op].check and not s.implicit]
     if not checked:
         return []
-    config = _source_config(plan.recipe.resolved["model"], plan.recipe.base_dir)
+    try:
+        config = _source_config(plan.recipe.resolved["model"], plan.recipe.base_dir)
+    except PassError as exc:
+        field = "config" if plan.recipe.resolved["model"]["source"] == "synthetic" else "path"
+        return [plan.recipe.problem(("model", field), str(exc))]
     problems = []
     for stage in checked:
         upstream = {a: plan.stage(a).op for a in nx.ancestors(plan.graph, stage.id)}
@@ -278,16 +284,20 @@ def _pass_check_problems(plan: Plan) -> list[Problem]:
 
 
 def _source_config(model: dict[str, Any], base_dir):
-    """The source model's config without loading weights; None where it would need the network."""
+    """The source model's config without loading weights; None where it would need the network or would run
+    the model's own code (validate and plan never run remote code: only the build does, after warning)."""
     from transformers import AutoConfig
 
     if model["source"] == "synthetic":
         from .models import family_config
 
         return family_config(model["family"], model["config"])
-    if model["source"] == "path":
-        return AutoConfig.from_pretrained(base_dir / model["path"], trust_remote_code=model["trust_remote_code"])
-    return None
+    if model["source"] != "path" or model["trust_remote_code"]:
+        return None
+    try:
+        return AutoConfig.from_pretrained(base_dir / model["path"])
+    except Exception as exc:  # a broken config.json raises whatever its parser or transformers' checks raise
+        raise PassError(f"cannot read {model['path']}/config.json: {type(exc).__name__}: {' '.join(str(exc).split())}") from None
 
 
 def canonical(obj: Any) -> str:

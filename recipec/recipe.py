@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import glob
 import hashlib
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -148,7 +147,8 @@ def _explain(error: jsonschema.ValidationError, located: yamlpos.Located) -> Ite
         yield locate(located, path, f"unknown {what} {error.instance!r}{hint} (expected one of: {', '.join(map(str, choices))})")
         return
     if kind == "required":
-        yield locate(located, path, f"missing required key {error.message.split(chr(39))[1]!r}")
+        key = error.message.split(chr(39))[1]
+        yield locate(located, path, f"missing required key {key!r}{_required_params_hint(error, key)}")
         return
     if kind in ("oneOf", "anyOf") and error.context:
         yield from _explain_alternatives(error, located)
@@ -258,19 +258,59 @@ def _family_problems(recipe: Recipe, model: dict[str, Any]) -> list[Problem]:
             problems.append(recipe.problem(("model", "config", key),
                                            f"{family} configs have no key {key!r}{_suggest(key, sorted(known_keys))}",
                                            at_key=True))
-    return problems
+    return problems or _config_problems(recipe, model)
+
+
+def _config_problems(recipe: Recipe, model: dict[str, Any]) -> list[Problem]:
+    """Values transformers refuses (a string size, zero heads) are found here, not in the build's first stage."""
+    from .errors import PassError
+    from .models import family_config
+
+    try:
+        family_config(model["family"], model.get("config", {}))
+    except PassError as exc:
+        return [recipe.problem(("model", "config"), str(exc))]
+    return []
 
 
 def _data_problems(recipe: Recipe) -> list[Problem]:
+    from .data import corpus_spec
+
     problems = []
     for section in ("calibration", "eval"):
         spec = recipe.resolved["data"][section]
-        if spec["source"] == "synthetic" or "path" not in spec:
-            continue
-        pattern = str(recipe.base_dir / spec["path"])
-        if not glob.glob(pattern, recursive=True):
-            problems.append(recipe.problem(("data", section, "path"), f"{spec['path']!r} matches no file"))
+        if spec["source"] == "jsonl":
+            where = recipe.base_dir / spec["path"]
+            if not where.is_file():  # a directory, a device or a FIFO would fail or hang when hashed
+                problems.append(recipe.problem(("data", section, "path"), f"{spec['path']!r} is not a file"))
+        elif spec["source"] == "text":
+            field = "corpus" if "corpus" in spec else "path"
+            problems += _corpus_problems(recipe, ("data", section, field), corpus_spec(spec))
+    pretrain = recipe.resolved["model"].get("pretrain")
+    if pretrain is not None:
+        problems += _corpus_problems(recipe, ("model", "pretrain", "corpus"), pretrain["corpus"])
     return problems
+
+
+def _corpus_problems(recipe: Recipe, path: tuple, corpus: Any) -> list[Problem]:
+    from .corpus import file_counts
+    from .errors import PassError
+
+    try:
+        file_counts(corpus, recipe.base_dir)
+    except PassError as exc:
+        return [recipe.problem(path, str(exc))]
+    return []
+
+
+def _required_params_hint(error: jsonschema.ValidationError, key: str) -> str:
+    if key != "with" or not isinstance(error.instance, dict):
+        return ""
+    from .passes import PASSES
+
+    spec = PASSES.get(error.instance.get("op"))
+    needed = spec.params.get("required", []) if spec else []
+    return f" (op {error.instance['op']} needs with: {{{', '.join(needed)}}})" if needed else ""
 
 
 def _gate_problems(recipe: Recipe) -> list[Problem]:

@@ -130,7 +130,8 @@ def _gate() -> dict[str, Any]:
     }
 
 
-def _pass_entry(ops: list[str]) -> dict[str, Any]:
+def _pass_entry(params: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    ops = sorted(params)
     return {
         "type": "object",
         "additionalProperties": False,
@@ -144,7 +145,9 @@ def _pass_entry(ops: list[str]) -> dict[str, Any]:
         },
         "allOf": [
             {"if": {"properties": {"op": {"const": op}}, "required": ["op"]},
-             "then": {"properties": {"with": {"$ref": f"#/$defs/ops/{op}"}}}}
+             "then": {"properties": {"with": {"$ref": f"#/$defs/ops/{op}"}},
+                      # an op with required parameters cannot lean on the empty default of `with`
+                      **({"required": ["with"]} if params[op].get("required") else {})}}
             for op in ops
         ],
     }
@@ -172,7 +175,7 @@ def build_recipe_schema() -> dict[str, Any]:
                 "properties": {"calibration": {**_data_section(0, 32), "default": {}},
                                "eval": {**_data_section(1, 16), "default": {}}},
             },
-            "passes": {"type": "array", "items": _pass_entry(ops), "default": []},
+            "passes": {"type": "array", "items": _pass_entry({op: PASSES[op].params for op in ops}), "default": []},
             "serving": _serving_section(),
             "gates": {"type": "array", "items": _gate(), "default": []},
         },
