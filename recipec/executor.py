@@ -7,6 +7,7 @@ out/<name>/ as the previous complete build, or absent when there was none.
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import re
@@ -20,6 +21,7 @@ from typing import Any
 from . import console
 from .cache import Entry, StageCache, process_alive, tree_digest
 from .data import RecipeData
+from .diskspace import require_free, tree_bytes
 from .passes import PASSES, PassError, StageContext
 from .planner import SOURCE, Plan, Stage, build_plan, canonical, sha256_text
 from .recipe import Recipe
@@ -74,13 +76,15 @@ def build(recipe: Recipe, options: BuildOptions) -> BuildResult:
     final = options.out_root / recipe.name
     recover_interrupted(final)
     runs = run_stages(plan, cache, device, options.force)
+    variant_bytes = sum(tree_bytes(runs[s].entry.output) for s in plan.variants.values())
+    require_free(options.out_root, variant_bytes, f"out/{recipe.name}/")
     staging = options.out_root / f".{recipe.name}.staging-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     staging.mkdir(parents=True)
     try:
         result = assemble(plan, runs, staging, device, options)
         swap_into_place(staging, final)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_path(staging)
     result.out_dir = final
     return result
 
@@ -99,6 +103,7 @@ def run_stage(plan: Plan, stage: Stage, runs: dict[str, StageRun], cache: StageC
         if entry is not None:
             console.tagged("  cached ", "green", f"{label}  {stage.key[:12]}")
             return StageRun(stage, entry, True, 0.0)
+        require_free(cache.root, _stage_bytes_estimate(plan, stage, runs), f"stage {stage.id!r}")
         console.tagged("  running", "cyan", label)
         work = cache.new_workdir(stage.key)
         started = time.perf_counter()
@@ -111,6 +116,15 @@ def run_stage(plan: Plan, stage: Stage, runs: dict[str, StageRun], cache: StageC
         entry = cache.commit(stage.key, work, metrics, seconds)
     console.tagged("  done   ", "green", f"{label} in {seconds:.1f} s{_headline(metrics)}")
     return StageRun(stage, entry, False, seconds)
+
+
+def _stage_bytes_estimate(plan: Plan, stage: Stage, runs: dict[str, StageRun]) -> int:
+    if stage.op == SOURCE:
+        from .models import estimated_source_bytes
+
+        return estimated_source_bytes(plan.recipe.resolved["model"], plan.recipe.base_dir)
+    # no pass writes more than twice its input (an export of bf16 weights writes float32)
+    return 2 * tree_bytes(runs[stage.parents[0]].entry.output)
 
 
 def _apply(plan: Plan, stage: Stage, runs: dict[str, StageRun], output: Path, device: str) -> dict[str, Any]:
@@ -184,15 +198,34 @@ def manifest(plan: Plan, runs: dict[str, StageRun], device: str) -> dict[str, An
 
 def swap_into_place(staging: Path, final: Path) -> None:
     """Make `staging` appear at `final` in one step; the previous build is deleted only afterwards."""
-    if final.exists() and _exchange(staging, final):
-        return  # staging now holds the previous build, which the caller removes
-    if final.exists():
-        previous = final.with_name(f".{final.name}.previous-{os.getpid()}")
-        os.rename(final, previous)
-        os.rename(staging, final)
-        shutil.rmtree(previous, ignore_errors=True)
+    for _ in range(3):  # a concurrent first build of the same recipe can create `final` between look and rename
+        if final.exists() or final.is_symlink():
+            _replace(staging, final)
+            return
+        try:
+            os.rename(staging, final)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+    raise PassError(f"{final} keeps changing under this build: is another build of the same recipe looping?")
+
+
+def _replace(staging: Path, final: Path) -> None:
+    if _exchange(staging, final):
+        return  # staging now holds the previous build (or the symlink that stood there), which the caller removes
+    previous = final.with_name(f".{final.name}.previous-{os.getpid()}")
+    os.rename(final, previous)
+    os.rename(staging, final)
+    remove_path(previous)
+
+
+def remove_path(path: Path) -> None:
+    """Delete a directory tree, or a symlink itself (rmtree refuses symlinks, and we never follow them)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
     else:
-        os.rename(staging, final)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -214,7 +247,7 @@ def recover_interrupted(final: Path) -> None:
         match = pattern.match(leftover.name)
         if not match or process_alive(int(match.group(1) or match.group(2))):
             continue
-        if match.group(2) and not final.exists():
+        if match.group(2) and not final.exists() and not leftover.is_symlink():
             os.rename(leftover, final)
         else:
-            shutil.rmtree(leftover, ignore_errors=True)
+            remove_path(leftover)
