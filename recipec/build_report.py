@@ -5,7 +5,6 @@ recipe's eval data; serving under the recipe's batching policy and workload; bot
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 from . import __version__, console
 
@@ -26,11 +27,16 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help(sys.stderr)
         return EXIT_INVALID
+    return run_guarded(lambda: args.handler(args), args.debug)
+
+
+def run_guarded(command: Callable[[], int], debug: bool = False) -> int:
+    """Run a command, turning every error into a message and an exit code (no traceback unless debug)."""
     from .errors import PassError
     from .recipe import RecipeInvalid
 
     try:
-        return args.handler(args)
+        return command()
     except RecipeInvalid as exc:
         for problem in exc.problems:
             console.error(problem.format(exc.file))
@@ -45,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         console.error("interrupted; finished stages stay cached and out/ is unchanged")
         return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - the last line of defence against a traceback
-        if args.debug:
+        if debug:
             raise
         console.error(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
         return EXIT_FAILED

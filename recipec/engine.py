@@ -148,12 +148,14 @@ class Request:
 
 class Engine:
     def __init__(self, model: StepModel, policy: Policy, clock: Clock | None = None,
-                 cache_ops: CacheOps | None = None, eos_token_id: int | Sequence[int] | None = None):
+                 cache_ops: CacheOps | None = None, eos_token_id: int | Sequence[int] | None = None,
+                 record_steps: bool = True):
         self.model, self.policy = model, policy
         self.clock = clock or RealClock()
         self.ops = cache_ops or CacheOps()
         self.eos_token_id = eos_token_id  # one id or several (generation_config may list many)
         self.steps: list[StepRecord] = []
+        self.record_steps = record_steps  # a server runs forever: it cannot keep a record per model call
         self._inbox: deque[Request] = deque()
         self._cond = threading.Condition()
         self._waiting: deque[Request] = deque()
@@ -255,7 +257,8 @@ class Engine:
         t0 = self.clock.now()
         logits, cache = call()
         tokens = np.asarray(logits).argmax(axis=-1)  # greedy: the measured workload is deterministic
-        self.steps.append(StepRecord(kind, t0, self.clock.now(), ctx, len(tokens), padded))
+        if self.record_steps:
+            self.steps.append(StepRecord(kind, t0, self.clock.now(), ctx, len(tokens), padded))
         return tokens, cache
 
     def _prefill(self, reqs: list[Request]) -> None:

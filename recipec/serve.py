@@ -38,7 +38,6 @@ from starlette.requests import Request as HttpRequest
 
 from .deploy import command_manifest, policy_from_serving
 from .engine import POLICIES, Engine, Policy, Request
-from .errors import PassError
 
 DEFAULT_MAX_QUEUE = 64
 # Histogram bounds in seconds, as vLLM's /metrics uses for the same quantities.
@@ -355,7 +354,7 @@ class Service:
     def __init__(self, model: Any, spec: ModelSpec, policy: Policy, max_queue: int = DEFAULT_MAX_QUEUE):
         self.spec, self.policy, self.max_queue = spec, policy, max_queue
         self.eos = tuple(getattr(model, "eos_token_ids", None) or ())
-        self.engine = SamplingEngine(model, policy, eos_token_id=self.eos or None)
+        self.engine = SamplingEngine(model, policy, eos_token_id=self.eos or None, record_steps=False)
         self.metrics = Metrics()
         self.lock = threading.Lock()
         self.waiting = self.running = 0
@@ -488,6 +487,8 @@ async def _json_body(request) -> Any:
         return json.loads(await request.body())
     except ValueError as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is JSON nested too deeply") from None
 
 
 async def _validated(request, service: Service) -> Completion:
@@ -845,20 +846,12 @@ def _loopback(host: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m recipec.serve OUT/NAME ...`: the serve command with recipec's error handling."""
-    from . import console
-    from .cli import EXIT_FAILED, EXIT_INVALID, UsageError
+    from .cli import run_guarded
 
     parser = argparse.ArgumentParser(prog="recipec serve", description="serve a built variant over HTTP")
     _arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        return cmd_serve(args)
-    except UsageError as exc:
-        console.error(str(exc))
-        return EXIT_INVALID
-    except PassError as exc:
-        console.error(str(exc))
-        return EXIT_FAILED
+    return run_guarded(lambda: cmd_serve(args))
 
 
 if __name__ == "__main__":
