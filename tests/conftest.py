@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import signal
+import subprocess
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,6 +28,15 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
                   "shared_expert_intermediate_size": 64},
 }
 FAMILIES = tuple(TINY_CONFIGS)
+# The top of a minimal valid recipe, for tests that write recipes: append passes/data/serving/gates.
+RECIPE_HEAD = """\
+recipe: 1
+name: tiny
+model:
+  source: synthetic
+  family: llama
+  config: {hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1, vocab_size: 64}
+"""
 
 
 def make_tiny_model(family: str, out_dir: Path, seed: int = 0, tokenizer: bool = False, **overrides) -> Path:
@@ -65,21 +78,61 @@ def tiny_model_dir(tmp_path_factory) -> Callable[[str], Path]:
 
 
 @contextlib.contextmanager
-def _no_progress(description: str, total: int | None):
+def no_progress(description: str, total: int | None):
     yield lambda *args, **kwargs: None
 
 
-def run_export_op(model_dir: Path, out_dir: Path, **params) -> dict[str, Any]:
-    """Run the export pass as the executor would: schema defaults filled in, an empty output directory."""
+def run_pass(op: str, model_dir: Path, out_dir: Path, data=None, stages: dict[str, Path] | None = None,
+             log: Callable[[str], None] | None = None, **params) -> dict[str, Any]:
+    """Run a pass as the executor would: schema defaults filled in, an empty output directory, and the
+    stages it may read by id (the source model is `model_dir`)."""
+    from recipec.passes import PASSES
     from recipec.passes.base import StageContext
-    from recipec.passes.export import PASS
 
-    defaults = {name: spec["default"] for name, spec in PASS.params["properties"].items()}
+    spec = PASSES[op]
+    defaults = {name: prop["default"] for name, prop in spec.params["properties"].items() if "default" in prop}
     out_dir.mkdir(parents=True, exist_ok=True)
-    ctx = StageContext(stage_id="export", params={**defaults, **params}, input_dir=model_dir, output_dir=out_dir,
-                       recipe={}, data=None, stage_dir=lambda stage_id: model_dir, progress=_no_progress,
-                       log=lambda message: None)
-    return PASS.apply(ctx)
+    stages = {"source": model_dir, **(stages or {})}
+    ctx = StageContext(op, {**defaults, **params}, model_dir, out_dir, {}, data, stages.__getitem__,
+                       no_progress, log or (lambda message: None))
+    return spec.apply(ctx)
+
+
+class RandomWindows:
+    """Seeded random token windows standing in for the recipe's data sections."""
+
+    def __init__(self, vocab: int = 256, samples: int = 8, seq_len: int = 16):
+        self.vocab, self.samples, self.seq_len = vocab, samples, seq_len
+
+    def calibration(self):
+        import torch
+
+        return torch.randint(0, self.vocab, (self.samples, self.seq_len), generator=torch.Generator().manual_seed(0))
+
+    def eval(self):
+        import torch
+
+        return torch.randint(0, self.vocab, (4, self.seq_len), generator=torch.Generator().manual_seed(1))
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    return json.loads((model_dir / "config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Other test runs share these two cores, where two contending OpenMP threads made a PyTorch training
+    step ~30x slower than one thread. Use it where results are compared within one module only."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_export_op(model_dir: Path, out_dir: Path, **params) -> dict[str, Any]:
+    return run_pass("export", model_dir, out_dir, **params)
 
 
 @pytest.fixture(scope="session")
@@ -100,3 +153,22 @@ def exported(tmp_path_factory, tiny_model_dir) -> Callable[[str], tuple[Path, di
 def export_op() -> Callable[..., dict[str, Any]]:
     """run_export_op(model_dir, out_dir, **params): the export pass through a hand-made StageContext."""
     return run_export_op
+
+
+def kill_at(proc: subprocess.Popen, marker: str, delay: float, deadline: float) -> str:
+    """Read the build's stderr until `marker` shows, wait `delay` seconds (so the kill lands inside the stage's
+    work, not at its first line) and SIGKILL it; returns everything it printed."""
+    seen = ""
+    while time.time() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        seen += line
+        if marker in line:
+            time.sleep(delay)
+            proc.send_signal(signal.SIGKILL)
+            _, rest = proc.communicate()  # stderr printed during the delay
+            return seen + (rest or "")
+    proc.kill()
+    proc.wait()
+    raise AssertionError(f"never saw {marker!r}: {seen[-3000:]}")

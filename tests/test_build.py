@@ -5,13 +5,13 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import kill_at
 
 from recipec.report import validate_report
 
@@ -122,22 +122,6 @@ def test_plan_reports_what_is_cached(workspace):
     assert [s["key"] for s in before["stages"]] == [s["key"] for s in after["stages"]]
 
 
-def _kill_when(proc: subprocess.Popen, marker: str, deadline: float) -> str:
-    """Read the build's stderr until `marker` shows, then SIGKILL it; returns what it printed."""
-    seen = ""
-    while time.time() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        seen += line
-        if marker in line:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return seen
-    proc.kill()
-    raise AssertionError(f"never saw {marker!r}: {seen}")
-
-
 @pytest.mark.parametrize("marker", ["running source", "running ex17"])
 def test_sigkill_leaves_the_previous_build_and_the_next_build_reuses_finished_stages(workspace, marker):
     tmp, recipe, env = workspace
@@ -145,7 +129,7 @@ def test_sigkill_leaves_the_previous_build_and_the_next_build_reuses_finished_st
     previous = (out / "manifest.json").read_text()
     proc = subprocess.Popen([sys.executable, "-m", "recipec.cli", "build", str(recipe), "--out", str(tmp / "out"),
                              "--no-profile", "--force"], stderr=subprocess.PIPE, text=True, env=env)
-    _kill_when(proc, marker, time.time() + 300)
+    kill_at(proc, marker, 0, time.time() + 300)
     assert (out / "manifest.json").read_text() == previous, "out/tiny changed after a killed build"
     leftovers = [p.name for p in (tmp / "out").iterdir() if p.name != "tiny"]
     resumed = recipec("build", str(recipe), "--out", str(tmp / "out"), "--no-profile", env=env)
@@ -160,7 +144,7 @@ def test_sigkill_of_a_first_build_leaves_no_output(workspace):
     env = {**env, "RECIPEC_CACHE": str(tmp / "fresh-cache")}
     proc = subprocess.Popen([sys.executable, "-m", "recipec.cli", "build", str(recipe), "--out", str(tmp / "out"),
                              "--no-profile"], stderr=subprocess.PIPE, text=True, env=env)
-    _kill_when(proc, "running ex17", time.time() + 300)
+    kill_at(proc, "running ex17", 0, time.time() + 300)
     assert not (tmp / "out" / "tiny").exists()
     resumed = recipec("build", str(recipe), "--out", str(tmp / "out"), "--no-profile", env=env)
     assert resumed.returncode == 0, resumed.stderr

@@ -7,18 +7,12 @@ import json
 import textwrap
 
 import pytest
+from conftest import RECIPE_HEAD
 
 from recipec.diff import add_diff_commands, diff_recipes, format_diff
 from recipec.recipe import RecipeInvalid
 
-MODEL = """\
-recipe: 1
-name: tiny
-model:
-  source: synthetic
-  family: llama
-  config: {hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1, vocab_size: 64}
-"""
+MODEL = RECIPE_HEAD
 PASSES = """\
 passes:
   - {id: fuse, op: fuse}

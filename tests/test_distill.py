@@ -3,7 +3,6 @@ back most of what pruning half the MLP cost; training is deterministic for a see
 an upstream PyTorch stage."""
 from __future__ import annotations
 
-import contextlib
 import re
 import shutil
 import textwrap
@@ -12,11 +11,11 @@ from pathlib import Path
 import jsonschema
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import make_tiny_model, no_progress, run_pass
 
 from recipec import corpus
 from recipec.passes import PASSES, PassError
-from recipec.passes.base import CheckContext, StageContext
+from recipec.passes.base import CheckContext
 from recipec.passes.distill import check, sample_batch
 from recipec.pretrain import pretrain
 from recipec.recipe import RecipeInvalid, load_recipe
@@ -31,11 +30,6 @@ PRETRAIN = {"corpus": CORPUS, "steps": 300, "warmup_steps": 10, "batch_size": 8,
             "vocab_size": 512, "eval_samples": 16, "learning_rate": 0.003}
 
 
-@contextlib.contextmanager
-def _no_progress(description, total):
-    yield lambda *args, **kwargs: None
-
-
 class Windows:
     def __init__(self, calibration: torch.Tensor, evaluation: torch.Tensor):
         self._calibration, self._eval = calibration, evaluation
@@ -47,24 +41,7 @@ class Windows:
         return self._eval
 
 
-def run_op(op: str, model_dir: Path, out_dir: Path, data, stages: dict[str, Path] | None = None, **params) -> dict:
-    spec = PASSES[op]
-    defaults = {name: prop.get("default") for name, prop in spec.params["properties"].items()}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stages = {"source": model_dir, **(stages or {})}
-    ctx = StageContext(op, {**defaults, **params}, model_dir, out_dir, {}, data, stages.__getitem__,
-                       _no_progress, lambda message: None)
-    return spec.apply(ctx)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Other test runs share these two cores: two contending OpenMP threads made a training step ~30x
-    slower than one thread here. Results are compared within this module only."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +54,7 @@ def reference(tmp_path_factory) -> tuple[Path, Windows]:
         (root / "src").mkdir(exist_ok=True)
         shutil.copyfile(f, root / "src" / f"m{i:03d}.py")
     model_dir = tmp_path_factory.mktemp("reference")
-    pretrain("llama", REFERENCE, 0, PRETRAIN, root, model_dir, _no_progress, lambda message: None)
+    pretrain("llama", REFERENCE, 0, PRETRAIN, root, model_dir, no_progress, lambda message: None)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -97,8 +74,8 @@ def test_params_schema_is_strict_and_documented():
 
 def test_distillation_recovers_what_mlp_pruning_lost(reference, export_op, tmp_path):
     model_dir, data = reference
-    pruned = run_op("prune", model_dir, tmp_path / "pruned", data, target="mlp", amount=0.5)
-    distilled = run_op("distill", tmp_path / "pruned", tmp_path / "distilled", data, stages={"source": model_dir},
+    pruned = run_pass("prune", model_dir, tmp_path / "pruned", data, target="mlp", amount=0.5)
+    distilled = run_pass("distill", tmp_path / "pruned", tmp_path / "distilled", data, stages={"source": model_dir},
                        steps=150, learning_rate=0.001)
     teacher_ppl, pruned_ppl = pruned["eval_perplexity_before"], pruned["eval_perplexity_after"]
     assert distilled["teacher_eval_perplexity"] == pytest.approx(teacher_ppl)
@@ -114,7 +91,7 @@ def test_distillation_recovers_what_mlp_pruning_lost(reference, export_op, tmp_p
 def test_same_seed_gives_identical_weights(reference, tmp_path):
     model_dir, data = reference
     for run, seed in (("a", 0), ("b", 0), ("c", 1)):
-        run_op("distill", model_dir, tmp_path / run, data, steps=3, warmup_steps=1, seed=seed, alpha=0.5,
+        run_pass("distill", model_dir, tmp_path / run, data, steps=3, warmup_steps=1, seed=seed, alpha=0.5,
                learning_rate=0.01)
     weights = {run: (tmp_path / run / "model.safetensors").read_bytes() for run in "abc"}
     assert weights["a"] == weights["b"] and weights["a"] != weights["c"]
@@ -123,8 +100,8 @@ def test_same_seed_gives_identical_weights(reference, tmp_path):
 
 def test_teacher_is_the_named_stage(reference, tmp_path):
     model_dir, data = reference
-    run_op("prune", model_dir, tmp_path / "p", data, target="heads", amount=0.5)
-    metrics = run_op("distill", tmp_path / "p", tmp_path / "d", data, stages={"p": tmp_path / "p"}, teacher="p",
+    run_pass("prune", model_dir, tmp_path / "p", data, target="heads", amount=0.5)
+    metrics = run_pass("distill", tmp_path / "p", tmp_path / "d", data, stages={"p": tmp_path / "p"}, teacher="p",
                      steps=2, warmup_steps=1)
     assert metrics["eval_kl_to_teacher_before"] == pytest.approx(0, abs=1e-12)
 
@@ -143,13 +120,13 @@ def test_hidden_state_loss_needs_equal_widths(tmp_path):
     student, narrow = make_tiny_model("llama", tmp_path / "s"), make_tiny_model("llama", tmp_path / "t", hidden_size=32)
     data = Windows(torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0)),
                    torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1)))
-    metrics = run_op("distill", student, tmp_path / "ok", data, steps=2, warmup_steps=1, hidden_weight=1.0, alpha=0.5)
+    metrics = run_pass("distill", student, tmp_path / "ok", data, steps=2, warmup_steps=1, hidden_weight=1.0, alpha=0.5)
     assert metrics["train_loss"] > 0
     with pytest.raises(PassError, match="hidden_weight needs equal hidden sizes"):
-        run_op("distill", student, tmp_path / "bad", data, stages={"t": narrow}, teacher="t", steps=2,
+        run_pass("distill", student, tmp_path / "bad", data, stages={"t": narrow}, teacher="t", steps=2,
                warmup_steps=1, hidden_weight=1.0)
     with pytest.raises(PassError, match="seq_len 32 is longer than the calibration windows"):
-        run_op("distill", student, tmp_path / "long", data, steps=2, warmup_steps=1, seq_len=32)
+        run_pass("distill", student, tmp_path / "long", data, steps=2, warmup_steps=1, seq_len=32)
 
 
 # --- validation ---------------------------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """fuse: onnxruntime's fused operators in the graph, the same I/O contract, the same logits."""
 from __future__ import annotations
 
-import contextlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -9,11 +8,11 @@ from typing import Any
 
 import onnx
 import pytest
+from conftest import run_pass
 
 from recipec import artifact
-from recipec.passes.base import PassError, StageContext
+from recipec.passes.base import PassError
 from recipec.passes.export import verify_variant
-from recipec.passes.fuse import PASS
 
 LEVELS = ("basic", "extended", "all")
 # What "reaching the builder's level" means per family: attention with its KV cache in one op, rotary
@@ -26,18 +25,8 @@ EXPECTED_OPS = {
 }
 
 
-@contextlib.contextmanager
-def _no_progress(description: str, total: int | None):
-    yield lambda *args, **kwargs: None
-
-
 def run_fuse(source: Path, out: Path, log=None, **params) -> dict[str, Any]:
-    defaults = {name: spec["default"] for name, spec in PASS.params["properties"].items()}
-    out.mkdir(parents=True, exist_ok=True)
-    ctx = StageContext(stage_id="fuse", params={**defaults, **params}, input_dir=source, output_dir=out, recipe={},
-                       data=None, stage_dir=lambda stage_id: source, progress=_no_progress,
-                       log=log or (lambda message: None))
-    return PASS.apply(ctx)
+    return run_pass("fuse", source, out, log=log, **params)
 
 
 @pytest.fixture(scope="module")

@@ -19,24 +19,17 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import RECIPE_HEAD
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from recipec import cli
 from recipec.passes import PASSES
 
-HEAD = """\
-recipe: 1
-name: tiny
-model:
-  source: synthetic
-  family: llama
-  config: {hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1, vocab_size: 64}
-"""
 # Valid starting points covering every section of the schema; test_bases_are_valid keeps them so.
 BASES: dict[str, str] = {
-    "minimal": HEAD,
-    "passes": HEAD + textwrap.dedent("""\
+    "minimal": RECIPE_HEAD,
+    "passes": RECIPE_HEAD + textwrap.dedent("""\
         passes:
           - {id: ex17, op: export, with: {opset: 17}}
           - id: ex18
@@ -44,7 +37,7 @@ BASES: dict[str, str] = {
             after: source
             with: {opset: 18}
         """),
-    "everything": HEAD + textwrap.dedent("""\
+    "everything": RECIPE_HEAD + textwrap.dedent("""\
         description: "a recipe with every section: ünïcode ✓"
         data:
           calibration: {source: synthetic, samples: 4, seq_len: 16, seed: 0}
@@ -66,14 +59,14 @@ BASES: dict[str, str] = {
           - {metric: tpot_ms.p50, max: 100, variant: ex}
           - {metric: kl_divergence, min: 0}
         """),
-    "pretrain": HEAD.replace("  config:", "  pretrain: {corpus: stdlib, steps: 4, warmup_steps: 1, batch_size: 2, "
+    "pretrain": RECIPE_HEAD.replace("  config:", "  pretrain: {corpus: stdlib, steps: 4, warmup_steps: 1, batch_size: 2, "
                                           "seq_len: 16, vocab_size: 300}\n  config:"),
     "path model": "recipe: 1\nname: from-dir\nmodel: {source: path, path: ., dtype: float16}\n",
     "hub model": "recipe: 1\nname: hub\nmodel: {source: hub, id: org/model, revision: main}\n",
 }
 # Passes with a validation-time `check` read the model config while validating: fuzz them too, once registered.
 if {"prune", "distill", "quantize"} <= set(PASSES):
-    BASES["checked passes"] = HEAD + textwrap.dedent("""\
+    BASES["checked passes"] = RECIPE_HEAD + textwrap.dedent("""\
         passes:
           - {id: pruned, op: prune, with: {target: mlp, amount: 0.5}}
           - {id: kd, op: distill, with: {teacher: source, steps: 4, warmup_steps: 1}}
@@ -198,11 +191,11 @@ def _nested(depth: int, flow: bool) -> str:
 
 # Hand-picked documents, each aimed at one corner of loading. Their names show in failures.
 NASTY: dict[str, str | bytes] = {
-    "huge int": HEAD + "serving: {threads: " + "9" * 5000 + "}\n",
-    "huge int in pass params": HEAD + "passes:\n  - {id: a, op: export, with: {opset: " + "9" * 400 + "}}\n",
-    "float overflow": HEAD + "serving: {batching: {max_wait_ms: 1e999}}\n",
-    "nan": HEAD + "serving: {batching: {max_wait_ms: .nan}}\n",
-    "negative inf gate": HEAD + "gates: [{metric: tpot_ms.p50, max: -.inf}]\n",
+    "huge int": RECIPE_HEAD + "serving: {threads: " + "9" * 5000 + "}\n",
+    "huge int in pass params": RECIPE_HEAD + "passes:\n  - {id: a, op: export, with: {opset: " + "9" * 400 + "}}\n",
+    "float overflow": RECIPE_HEAD + "serving: {batching: {max_wait_ms: 1e999}}\n",
+    "nan": RECIPE_HEAD + "serving: {batching: {max_wait_ms: .nan}}\n",
+    "negative inf gate": RECIPE_HEAD + "gates: [{metric: tpot_ms.p50, max: -.inf}]\n",
     "deep flow nesting": _nested(5000, flow=True),
     "deep block nesting": _nested(200, flow=False),
     "deep nesting just under the limit": _nested(60, flow=False),
@@ -221,61 +214,61 @@ NASTY: dict[str, str | bytes] = {
     "null key": "~: 1\nrecipe: 1\n",
     "int key": "1: x\nrecipe: 1\nname: x\nmodel: {source: synthetic, family: llama}\n",
     "bool key": "yes: x\n",
-    "two documents": HEAD + "---\n" + HEAD,
-    "directive": "%YAML 1.2\n---\n" + HEAD,
-    "bad directive": "%YAML 9.9\n---\n" + HEAD,
-    "bom": "\ufeff" + HEAD,
-    "crlf": HEAD.replace("\n", "\r\n"),
-    "tabs": HEAD.replace("  ", "\t"),
-    "nul byte": HEAD + "description: a\x00b\n",
-    "not utf-8": HEAD.encode() + b"description: \xff\xfe\n",
-    "utf-16": HEAD.encode("utf-16"),
+    "two documents": RECIPE_HEAD + "---\n" + RECIPE_HEAD,
+    "directive": "%YAML 1.2\n---\n" + RECIPE_HEAD,
+    "bad directive": "%YAML 9.9\n---\n" + RECIPE_HEAD,
+    "bom": "\ufeff" + RECIPE_HEAD,
+    "crlf": RECIPE_HEAD.replace("\n", "\r\n"),
+    "tabs": RECIPE_HEAD.replace("  ", "\t"),
+    "nul byte": RECIPE_HEAD + "description: a\x00b\n",
+    "not utf-8": RECIPE_HEAD.encode() + b"description: \xff\xfe\n",
+    "utf-16": RECIPE_HEAD.encode("utf-16"),
     "empty": "",
     "whitespace": "   \n\n\t\n",
     "only a dash": "-\n",
     "scalar": "42\n",
-    "long line": HEAD + "description: " + "x" * 200_000 + "\n",
-    "many keys": HEAD + "".join(f"k{i}: {i}\n" for i in range(3000)),
-    "unicode key": HEAD + "ключ: 1\n",
-    "rtl override in name": HEAD.replace("name: tiny", "name: \"ti\u202eny\""),
-    "markup in a key": HEAD + "\"[/]\": 1\n",
-    "markup in a value": HEAD.replace("family: llama", "family: \"[bold]x[/]\""),
-    "markup in a pass id": HEAD + "passes:\n  - {id: a, op: export, after: \"[/red]\"}\n",
-    "name traversal": HEAD.replace("name: tiny", "name: ../../etc"),
-    "name absolute": HEAD.replace("name: tiny", "name: /tmp/x"),
-    "name with nul": HEAD.replace("name: tiny", "name: \"a\\0b\""),
+    "long line": RECIPE_HEAD + "description: " + "x" * 200_000 + "\n",
+    "many keys": RECIPE_HEAD + "".join(f"k{i}: {i}\n" for i in range(3000)),
+    "unicode key": RECIPE_HEAD + "ключ: 1\n",
+    "rtl override in name": RECIPE_HEAD.replace("name: tiny", "name: \"ti\u202eny\""),
+    "markup in a key": RECIPE_HEAD + "\"[/]\": 1\n",
+    "markup in a value": RECIPE_HEAD.replace("family: llama", "family: \"[bold]x[/]\""),
+    "markup in a pass id": RECIPE_HEAD + "passes:\n  - {id: a, op: export, after: \"[/red]\"}\n",
+    "name traversal": RECIPE_HEAD.replace("name: tiny", "name: ../../etc"),
+    "name absolute": RECIPE_HEAD.replace("name: tiny", "name: /tmp/x"),
+    "name with nul": RECIPE_HEAD.replace("name: tiny", "name: \"a\\0b\""),
     "model path traversal": "recipe: 1\nname: p\nmodel: {source: path, path: ../../../../../../etc}\n",
-    "data path traversal": HEAD + "data: {eval: {source: jsonl, path: ../../../../etc/passwd}}\n",
-    "data glob outside": HEAD + "data: {eval: {source: text, path: '/nonexistent-recipec/**/*.txt'}}\n",
-    "config with a nested object": HEAD.replace("vocab_size: 64", "vocab_size: 64, rope_scaling: {type: [1, {a: b}]}"),
-    "config wrong type": HEAD.replace("vocab_size: 64", "vocab_size: many"),
-    "config huge": HEAD.replace("vocab_size: 64", "vocab_size: 100000000000000000000"),
-    "config negative": HEAD.replace("num_hidden_layers: 1", "num_hidden_layers: -3"),
-    "config zero heads": HEAD.replace("num_attention_heads: 2", "num_attention_heads: 0"),
-    "config float where int": HEAD.replace("hidden_size: 32", "hidden_size: 32.5"),
-    "family is a list": HEAD.replace("family: llama", "family: [llama]"),
-    "after is a number": HEAD + "passes:\n  - {id: a, op: export, after: 3}\n",
-    "after is an empty list": HEAD + "passes:\n  - {id: a, op: export, after: []}\n",
-    "after lists itself twice": HEAD + "passes:\n  - {id: a, op: export, after: [a, a]}\n",
-    "with is a list": HEAD + "passes:\n  - {id: a, op: export, with: [1]}\n",
-    "passes is a mapping": HEAD + "passes: {id: a, op: export}\n",
+    "data path traversal": RECIPE_HEAD + "data: {eval: {source: jsonl, path: ../../../../etc/passwd}}\n",
+    "data glob outside": RECIPE_HEAD + "data: {eval: {source: text, path: '/nonexistent-recipec/**/*.txt'}}\n",
+    "config with a nested object": RECIPE_HEAD.replace("vocab_size: 64", "vocab_size: 64, rope_scaling: {type: [1, {a: b}]}"),
+    "config wrong type": RECIPE_HEAD.replace("vocab_size: 64", "vocab_size: many"),
+    "config huge": RECIPE_HEAD.replace("vocab_size: 64", "vocab_size: 100000000000000000000"),
+    "config negative": RECIPE_HEAD.replace("num_hidden_layers: 1", "num_hidden_layers: -3"),
+    "config zero heads": RECIPE_HEAD.replace("num_attention_heads: 2", "num_attention_heads: 0"),
+    "config float where int": RECIPE_HEAD.replace("hidden_size: 32", "hidden_size: 32.5"),
+    "family is a list": RECIPE_HEAD.replace("family: llama", "family: [llama]"),
+    "after is a number": RECIPE_HEAD + "passes:\n  - {id: a, op: export, after: 3}\n",
+    "after is an empty list": RECIPE_HEAD + "passes:\n  - {id: a, op: export, after: []}\n",
+    "after lists itself twice": RECIPE_HEAD + "passes:\n  - {id: a, op: export, after: [a, a]}\n",
+    "with is a list": RECIPE_HEAD + "passes:\n  - {id: a, op: export, with: [1]}\n",
+    "passes is a mapping": RECIPE_HEAD + "passes: {id: a, op: export}\n",
     "pretrain on a path model": "recipe: 1\nname: p\nmodel: {source: path, path: ., pretrain: {steps: 1}}\n",
-    "pretrain warmup past steps": HEAD.replace("  config:", "  pretrain: {steps: 2, warmup_steps: 5}\n  config:"),
-    "pretrain corpus glob traversal": HEAD.replace("  config:", "  pretrain: {corpus: {text: '../../../nothing/**'}}\n  config:"),
-    "gate on a bogus metric": HEAD + "gates: [{metric: '....', max: 1}]\n",
-    "range min above max": HEAD + "serving: {workload: {prompt_tokens: {min: 9, max: 2}}}\n",
-    "pretrain corpus of one file": HEAD.replace("  config:", "  pretrain: {corpus: {text: config.json}}\n  config:"),
+    "pretrain warmup past steps": RECIPE_HEAD.replace("  config:", "  pretrain: {steps: 2, warmup_steps: 5}\n  config:"),
+    "pretrain corpus glob traversal": RECIPE_HEAD.replace("  config:", "  pretrain: {corpus: {text: '../../../nothing/**'}}\n  config:"),
+    "gate on a bogus metric": RECIPE_HEAD + "gates: [{metric: '....', max: 1}]\n",
+    "range min above max": RECIPE_HEAD + "serving: {workload: {prompt_tokens: {min: 9, max: 2}}}\n",
+    "pretrain corpus of one file": RECIPE_HEAD.replace("  config:", "  pretrain: {corpus: {text: config.json}}\n  config:"),
 }
 if "prune" in PASSES:
     _PRUNE = "passes:\n  - {id: p, op: prune, with: {target: mlp, amount: 0.5}}\n"
     NASTY["checked pass, broken config.json"] = "recipe: 1\nname: b\nmodel: {source: path, path: broken}\n" + _PRUNE
-    NASTY["checked pass, config value of the wrong type"] = HEAD.replace("hidden_size: 32", "hidden_size: '32'") + _PRUNE
-    NASTY["checked pass, zero heads"] = HEAD.replace("num_attention_heads: 2", "num_attention_heads: 0") + _PRUNE
-    NASTY["checked pass, config null"] = HEAD.replace("intermediate_size: 64", "intermediate_size: null") + _PRUNE
+    NASTY["checked pass, config value of the wrong type"] = RECIPE_HEAD.replace("hidden_size: 32", "hidden_size: '32'") + _PRUNE
+    NASTY["checked pass, zero heads"] = RECIPE_HEAD.replace("num_attention_heads: 2", "num_attention_heads: 0") + _PRUNE
+    NASTY["checked pass, config null"] = RECIPE_HEAD.replace("intermediate_size: 64", "intermediate_size: null") + _PRUNE
 if "quantize" in PASSES:  # data paths are read (hashed into cache keys) only for passes that use data
     _QUANTIZE = "passes:\n  - {id: q, op: quantize, with: {scheme: int8-dynamic}}\n"
-    NASTY["jsonl data path is a directory"] = HEAD + _QUANTIZE + "data: {eval: {source: jsonl, path: .}}\n"
-    NASTY["text data path is a directory"] = HEAD + _QUANTIZE + "data: {eval: {source: text, path: .}}\n"
+    NASTY["jsonl data path is a directory"] = RECIPE_HEAD + _QUANTIZE + "data: {eval: {source: jsonl, path: .}}\n"
+    NASTY["text data path is a directory"] = RECIPE_HEAD + _QUANTIZE + "data: {eval: {source: text, path: .}}\n"
 
 
 def _yaml_lines(data: bytes) -> int:
@@ -389,7 +382,7 @@ def test_an_op_with_required_parameters_needs_its_with(case_dir, capsys, op):
     """`with` defaults to {}, so an entry without it must still meet its op's required parameters,
     at validation: otherwise the first to notice is the pass itself (a KeyError, at best in a check)."""
     path = case_dir / "r.yaml"
-    path.write_text(HEAD + f"passes:\n  - {{id: x, op: {op}}}\n")
+    path.write_text(RECIPE_HEAD + f"passes:\n  - {{id: x, op: {op}}}\n")
     rc, err = _check(path, capsys)
     required = PASSES[op].params["required"]
     assert rc == cli.EXIT_INVALID and any(f"'{key}'" in err for key in [*required, "with"]), f"{op} without {required}: {err!r}"

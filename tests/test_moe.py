@@ -3,8 +3,6 @@ and in the exported graph), top_k and prune_experts change an MoE model, and val
 modes and sizes that do not fit the model."""
 from __future__ import annotations
 
-import contextlib
-import json
 import re
 import textwrap
 from pathlib import Path
@@ -15,48 +13,18 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from conftest import RandomWindows, read_config, run_pass
 
 from recipec.passes import PASSES, PassError, moe
-from recipec.passes.base import StageContext
 from recipec.passes.torch_lm import load_lm
 from recipec.recipe import RecipeInvalid, load_recipe
 
 MOE = PASSES["moe"]
-
-
-class Windows:
-    def calibration(self) -> torch.Tensor:
-        return torch.randint(0, 256, (16, 32), generator=torch.Generator().manual_seed(0))
-
-    def eval(self) -> torch.Tensor:
-        return torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
-
-
-@contextlib.contextmanager
-def _no_progress(description, total):
-    yield lambda *args, **kwargs: None
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Other test runs share these two cores, where two contending OpenMP threads made PyTorch ~30x slower
-    than one (see test_distill.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run_moe(model_dir: Path, out_dir: Path, **params) -> dict:
-    defaults = {name: spec.get("default") for name, spec in MOE.params["properties"].items()}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ctx = StageContext("moe", {**defaults, **params}, model_dir, out_dir, {}, Windows(), lambda s: model_dir,
-                       _no_progress, lambda message: None)
-    return MOE.apply(ctx)
-
-
-def _config(model_dir: Path) -> dict:
-    return json.loads((model_dir / "config.json").read_text())
+    return run_pass("moe", model_dir, out_dir, RandomWindows(samples=16, seq_len=32), **params)
 
 
 def test_params_schema_is_strict_and_documented():
@@ -73,7 +41,7 @@ def test_params_schema_is_strict_and_documented():
 def test_moefy_with_every_expert_active_is_the_dense_model(family, tiny_model_dir, export_op, tmp_path):
     metrics = run_moe(tiny_model_dir(family), tmp_path / "moe", mode="moefy", experts=4, top_k=4)
     assert (metrics["family_before"], metrics["family_after"]) == (family, "mixtral")
-    assert _config(tmp_path / "moe").get("sliding_window") == _config(tiny_model_dir(family)).get("sliding_window")
+    assert read_config(tmp_path / "moe").get("sliding_window") == read_config(tiny_model_dir(family)).get("sliding_window")
     assert metrics["eval_kl_to_input"] < 1e-5  # routing weights are 1/top_k within ROUTER_SPREAD
     assert metrics["eval_perplexity_after"] == pytest.approx(metrics["eval_perplexity_before"], rel=1e-3)
     assert export_op(tmp_path / "moe", tmp_path / "onnx")["verification"]["max_abs_diff"] < 1e-4
@@ -81,7 +49,7 @@ def test_moefy_with_every_expert_active_is_the_dense_model(family, tiny_model_di
 
 def test_moefy_top_1_uses_a_quarter_of_the_mlp(tiny_model_dir, export_op, tmp_path):
     metrics = run_moe(tiny_model_dir("llama"), tmp_path / "moe", mode="moefy", experts=4, top_k=1)
-    config = _config(tmp_path / "moe")
+    config = read_config(tmp_path / "moe")
     assert (config["model_type"], config["num_local_experts"], config["num_experts_per_tok"]) == ("mixtral", 4, 1)
     assert config["intermediate_size"] == 32
     mlp, router, layers = 3 * 64 * 128, 4 * 64, 2
@@ -160,7 +128,7 @@ def test_router_fit_ranks_experts_like_a_linear_truth():
 
 def test_top_k_changes_active_parameters_of_mixtral(tiny_model_dir, export_op, tmp_path):
     metrics = run_moe(tiny_model_dir("mixtral"), tmp_path / "k1", mode="top_k", top_k=1)
-    assert _config(tmp_path / "k1")["num_experts_per_tok"] == 1
+    assert read_config(tmp_path / "k1")["num_experts_per_tok"] == 1
     expert = 3 * 64 * 128
     assert metrics["active_parameters_before"] - metrics["active_parameters_after"] == 2 * expert
     assert metrics["parameters_after"] == metrics["parameters_before"] and metrics["eval_kl_to_input"] > 0
@@ -170,7 +138,7 @@ def test_top_k_changes_active_parameters_of_mixtral(tiny_model_dir, export_op, t
 def test_prune_experts_keeps_the_most_used(tiny_model_dir, export_op, tmp_path, monkeypatch):
     source = tiny_model_dir("mixtral")
     metrics = run_moe(source, tmp_path / "kept", mode="prune_experts", keep=3)
-    assert _config(tmp_path / "kept")["num_local_experts"] == 3
+    assert read_config(tmp_path / "kept")["num_local_experts"] == 3
     assert metrics["parameters_before"] - metrics["parameters_after"] == 2 * (3 * 64 * 128 + 64)
     before, after = load_lm(source), load_lm(tmp_path / "kept")
     for layer, kept in enumerate(metrics["kept_experts"]):

@@ -4,25 +4,18 @@ from __future__ import annotations
 import textwrap
 
 import pytest
+from conftest import RECIPE_HEAD
 
 from recipec.passes import PASSES
 from recipec.planner import build_plan
 from recipec.recipe import load_recipe
 
-HEAD = """\
-recipe: 1
-name: tiny
-model:
-  source: synthetic
-  family: llama
-  config: {hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1, vocab_size: 64}
-"""
 needs_onnx_ops = pytest.mark.skipif(not {"fuse", "quantize"} <= set(PASSES), reason="fuse/quantize not registered")
 
 
 def plan_of(tmp_path, passes: str = "", extra: str = ""):
     path = tmp_path / "r.yaml"
-    path.write_text(HEAD + textwrap.dedent(passes) + textwrap.dedent(extra))
+    path.write_text(RECIPE_HEAD + textwrap.dedent(passes) + textwrap.dedent(extra))
     return build_plan(load_recipe(path))
 
 
@@ -86,14 +79,14 @@ def test_cache_keys_chain_through_parents(tmp_path):
 def test_model_change_changes_every_key(tmp_path):
     a = plan_of(tmp_path)
     path = tmp_path / "r2.yaml"
-    path.write_text(HEAD.replace("hidden_size: 32", "hidden_size: 48"))
+    path.write_text(RECIPE_HEAD.replace("hidden_size: 32", "hidden_size: 48"))
     b = build_plan(load_recipe(path))
     assert all(a.stage(s).key != b.stage(s).key for s in a.order)
 
 
 def test_library_versions_enter_the_keys(tmp_path):
     path = tmp_path / "r.yaml"
-    path.write_text(HEAD)
+    path.write_text(RECIPE_HEAD)
     recipe = load_recipe(path)
     assert build_plan(recipe, {"onnx": "1"}).stage("baseline").key != build_plan(recipe, {"onnx": "2"}).stage("baseline").key
 

@@ -3,8 +3,6 @@ and matches its own PyTorch model in onnxruntime, importance scores remove what 
 recipe validation rejects impossible sizes."""
 from __future__ import annotations
 
-import contextlib
-import json
 import textwrap
 from pathlib import Path
 
@@ -12,54 +10,18 @@ import jsonschema
 import onnx
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import RandomWindows, make_tiny_model, read_config, run_pass
 from onnx import numpy_helper
 
 from recipec.passes import PASSES, PassError
-from recipec.passes.base import StageContext
 from recipec.recipe import RecipeInvalid, load_recipe
 
 PRUNE = PASSES["prune"]
-
-
-class Windows:
-    """Seeded random token windows standing in for the recipe's data sections."""
-
-    def __init__(self, vocab: int = 256, samples: int = 8, seq_len: int = 16):
-        self.vocab, self.samples, self.seq_len = vocab, samples, seq_len
-
-    def calibration(self) -> torch.Tensor:
-        return torch.randint(0, self.vocab, (self.samples, self.seq_len), generator=torch.Generator().manual_seed(0))
-
-    def eval(self) -> torch.Tensor:
-        return torch.randint(0, self.vocab, (4, self.seq_len), generator=torch.Generator().manual_seed(1))
-
-
-@contextlib.contextmanager
-def _no_progress(description, total):
-    yield lambda *args, **kwargs: None
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Other test runs share these two cores, where two contending OpenMP threads made PyTorch ~30x slower
-    than one (see test_distill.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run_prune(model_dir: Path, out_dir: Path, **params) -> dict:
-    defaults = {name: spec.get("default") for name, spec in PRUNE.params["properties"].items()}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ctx = StageContext("prune", {**defaults, **params}, model_dir, out_dir, {}, Windows(), lambda s: model_dir,
-                       _no_progress, lambda message: None)
-    return PRUNE.apply(ctx)
-
-
-def _config(model_dir: Path) -> dict:
-    return json.loads((model_dir / "config.json").read_text())
+    return run_pass("prune", model_dir, out_dir, RandomWindows(), **params)
 
 
 def _weight(variant: Path, node_name: str):
@@ -94,7 +56,7 @@ def test_mlp_channels_leave_the_exported_graph(family, tiny_model_dir, export_op
     source = tiny_model_dir(family)
     metrics = run_prune(source, tmp_path / "pruned", target="mlp", amount=0.5)
     hidden, layers = 64, 2
-    before = _config(source).get("intermediate_size") or 4 * hidden
+    before = read_config(source).get("intermediate_size") or 4 * hidden
     assert metrics["intermediate_size_before"] == before and metrics["intermediate_size_after"] == before // 2
     # Every layer loses before/2 channels of each of its 2 (gpt2: 2 + bias) or 3 (gated) matrices.
     per_channel = 2 * hidden + 1 if family == "gpt2" else 3 * hidden
@@ -108,14 +70,14 @@ def test_mlp_channels_leave_the_exported_graph(family, tiny_model_dir, export_op
 def test_mlp_amount_rounds_to_multiple_of(tiny_model_dir, tmp_path):
     metrics = run_prune(tiny_model_dir("llama"), tmp_path, target="mlp", amount=0.3, multiple_of=32)
     assert metrics["intermediate_size_after"] == 96  # 0.7 * 128 = 89.6 -> nearest multiple of 32
-    assert _config(tmp_path)["intermediate_size"] == 96
+    assert read_config(tmp_path)["intermediate_size"] == 96
 
 
 @pytest.mark.parametrize("family, gqa, heads, kv", [("llama", "kv_groups", 2, 1), ("llama", "query_heads", 2, 2),
                                                    ("qwen2", "kv_groups", 2, 1), ("mistral", "query_heads", 2, 2)])
 def test_heads_respect_gqa_and_export(family, gqa, heads, kv, tiny_model_dir, export_op, tmp_path):
     metrics = run_prune(tiny_model_dir(family), tmp_path / "pruned", target="heads", amount=0.5, gqa=gqa)
-    config = _config(tmp_path / "pruned")
+    config = read_config(tmp_path / "pruned")
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (heads, kv, 16)
     assert (metrics["num_attention_heads"], metrics["num_key_value_heads"]) == (heads, kv)
     _exports_and_verifies(export_op, tmp_path / "pruned", tmp_path / "onnx")
@@ -128,7 +90,7 @@ def test_heads_respect_gqa_and_export(family, gqa, heads, kv, tiny_model_dir, ex
 
 def test_layers_drop_and_the_cache_follows(tiny_model_dir, export_op, tmp_path):
     metrics = run_prune(tiny_model_dir("llama"), tmp_path / "pruned", target="layers", keep_layers=1)
-    assert _config(tmp_path / "pruned")["num_hidden_layers"] == 1 and len(metrics["kept_layers"]) == 1
+    assert read_config(tmp_path / "pruned")["num_hidden_layers"] == 1 and len(metrics["kept_layers"]) == 1
     assert metrics["kept_layers"] == [max(range(2), key=lambda i: metrics["block_influence"][i])]
     _exports_and_verifies(export_op, tmp_path / "pruned", tmp_path / "onnx")
     outputs = [o.name for o in onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph.output]

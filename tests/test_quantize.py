@@ -1,7 +1,6 @@
 """quantize: each scheme's operators, sizes and fidelity against the float graph, on a trained tiny llama."""
 from __future__ import annotations
 
-import contextlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -12,11 +11,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import run_pass
 from onnx import numpy_helper
 
 from recipec import artifact
-from recipec.passes import fuse, quantize
-from recipec.passes.base import PassError, StageContext
+from recipec.passes import quantize
+from recipec.passes.base import PassError
 
 VOCAB = 256
 # Fidelity the trained tiny model must keep per scheme (measured: KL 1.4e-4, 3.3e-4, 3.6e-3, 7e-8; top-1 >= 0.99).
@@ -42,27 +42,16 @@ class Windows:
         return self._eval
 
 
-@contextlib.contextmanager
-def _no_progress(description: str, total: int | None):
-    yield lambda *args, **kwargs: None
-
-
-def run_pass(op, source: Path, out: Path, **params) -> dict[str, Any]:
-    defaults = {n: s["default"] for n, s in op.params["properties"].items() if "default" in s}
-    out.mkdir(parents=True, exist_ok=True)
-    ctx = StageContext(stage_id=op.op, params={**defaults, **params}, input_dir=source, output_dir=out, recipe={},
-                       data=Windows(), stage_dir=lambda stage_id: source, progress=_no_progress,
-                       log=lambda message: None)
-    return op.apply(ctx)
+def run_quantize(source: Path, out: Path, **params) -> dict[str, Any]:
+    return run_pass("quantize", source, out, Windows(), **params)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, export_op) -> Path:
     """A tiny llama trained to continue arithmetic sequences (decisive logits, trained weight statistics),
     exported: quantization error on random weights says little about a real model."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from conftest import TINY_CONFIGS
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a 2-core machine shared with other work: more threads only contend
@@ -93,7 +82,7 @@ def quantized(trained, tmp_path_factory):
     def get(scheme: str) -> tuple[Path, dict[str, Any]]:
         if scheme not in done:
             out = tmp_path_factory.mktemp(f"q-{scheme}")
-            done[scheme] = (out, run_pass(quantize.PASS, trained, out, scheme=scheme))
+            done[scheme] = (out, run_quantize(trained, out, scheme=scheme))
         return done[scheme]
 
     return get
@@ -179,18 +168,18 @@ def test_fp16_converts_weights_and_keeps_float32_io(quantized, trained):
 
 
 def test_int4_asymmetric_stores_zero_points(trained, tmp_path):
-    metrics = run_pass(quantize.PASS, trained, tmp_path, scheme="int4", symmetric=False, block_size=64)
+    metrics = run_quantize(trained, tmp_path, scheme="int4", symmetric=False, block_size=64)
     weights = metrics["quantization"]["weights"]
     assert not weights["symmetric"] and weights["zero_point"] == "stored per block" and weights["block_size"] == [64]
 
 
 def test_per_channel_int8_records_per_channel_scales(trained, tmp_path):
-    metrics = run_pass(quantize.PASS, trained, tmp_path, scheme="int8-dynamic", per_channel=True)
+    metrics = run_quantize(trained, tmp_path, scheme="int8-dynamic", per_channel=True)
     assert metrics["quantization"]["weights"]["granularity"] == "per-channel/block"
 
 
 def test_exclude_keeps_matching_nodes_in_float(trained, tmp_path):
-    metrics = run_pass(quantize.PASS, trained, tmp_path, scheme="int4", exclude=["*lm_head*"])
+    metrics = run_quantize(trained, tmp_path, scheme="int4", exclude=["*lm_head*"])
     proto = _graph(tmp_path)
     assert _float_weight_matmuls(proto) == metrics["excluded_nodes"] == ["/lm_head/MatMul"]
     lm_head = next(n for n in proto.graph.node if n.name == "/lm_head/MatMul")
@@ -200,22 +189,22 @@ def test_exclude_keeps_matching_nodes_in_float(trained, tmp_path):
 
 def test_exclude_pattern_matching_nothing_fails(trained, tmp_path):
     with pytest.raises(PassError, match="'\\*lm_haed\\*' matches no node"):
-        run_pass(quantize.PASS, trained, tmp_path, scheme="int8-dynamic", exclude=["*lm_haed*"])
+        run_quantize(trained, tmp_path, scheme="int8-dynamic", exclude=["*lm_haed*"])
 
 
 def test_option_of_another_scheme_fails(trained, tmp_path):
     with pytest.raises(PassError, match="block_size applies to int4, not int8-dynamic"):
-        run_pass(quantize.PASS, trained, tmp_path, scheme="int8-dynamic", block_size=64)
+        run_quantize(trained, tmp_path, scheme="int8-dynamic", block_size=64)
 
 
 def test_fidelity_bound_fails_the_stage(trained, tmp_path):
     with pytest.raises(PassError, match="drifts too far"):
-        run_pass(quantize.PASS, trained, tmp_path, scheme="int4", max_kl=1e-9)
+        run_quantize(trained, tmp_path, scheme="int4", max_kl=1e-9)
 
 
 def test_quantize_after_fuse_keeps_fused_attention(trained, tmp_path):
-    run_pass(fuse.PASS, trained, tmp_path / "fused")
-    metrics = run_pass(quantize.PASS, tmp_path / "fused", tmp_path / "int4", scheme="int4")
+    run_pass("fuse", trained, tmp_path / "fused")
+    metrics = run_quantize(tmp_path / "fused", tmp_path / "int4", scheme="int4")
     ops = _ops(_graph(tmp_path / "int4"))
     assert ops["GroupQueryAttention"] == 2 and ops["MatMulNBits"] == 9  # (qkv, o, gate+up, down) x 2 + lm_head
     assert metrics["kl_mean"] <= TEST_BOUNDS["int4"][0]

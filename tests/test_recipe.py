@@ -9,20 +9,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import RECIPE_HEAD
 
 from recipec.recipe import RecipeInvalid, load_recipe
 from recipec.schema import SCHEMAS_DIR, build_recipe_schema, schema_json
 
 ROOT = Path(__file__).resolve().parent.parent
 
-HEAD = """\
-recipe: 1
-name: tiny
-model:
-  source: synthetic
-  family: llama
-  config: {hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1, vocab_size: 64}
-"""
 
 
 def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
@@ -38,7 +31,7 @@ def problems(path: Path) -> list[str]:
 
 
 def test_minimal_recipe_gets_defaults(tmp_path):
-    recipe = load_recipe(write(tmp_path, HEAD))
+    recipe = load_recipe(write(tmp_path, RECIPE_HEAD))
     resolved = recipe.resolved
     assert resolved["model"]["seed"] == 0 and resolved["model"]["dtype"] == "float32"
     assert resolved["data"]["calibration"] == {"source": "synthetic", "samples": 32, "seq_len": 128, "seed": 0, "field": "text"}
@@ -47,7 +40,7 @@ def test_minimal_recipe_gets_defaults(tmp_path):
 
 
 def test_pass_parameters_get_their_op_defaults(tmp_path):
-    recipe = load_recipe(write(tmp_path, HEAD + "passes:\n  - {id: ex, op: export}\n"))
+    recipe = load_recipe(write(tmp_path, RECIPE_HEAD + "passes:\n  - {id: ex, op: export}\n"))
     params = recipe.resolved["passes"][0]["with"]
     assert params and all(v is not None for v in params.values())
 
@@ -74,27 +67,27 @@ REJECTED = {
     "python tag": ("recipe: 1\nname: !!python/object/apply:os.system ['true']\n", r"unsupported YAML tag"),
     "python tag on a mapping": ("recipe: 1\nname: x\nmodel: !!python/object:object {}\n", r"unsupported YAML tag"),
     "duplicate key": ("recipe: 1\nname: a\nname: b\n", r"duplicate key 'name'"),
-    "unknown top-level key": (HEAD + "pases: []\n", r"unknown key 'pases' \(did you mean 'passes'\?\)"),
-    "unknown op": (HEAD + "passes:\n  - {id: a, op: quantise}\n", r"passes\[0\]\.op: unknown op 'quantise'"),
-    "typo'd parameter": (HEAD + "passes:\n  - id: a\n    op: export\n    with: {opst: 17}\n", r"passes\[0\]\.with\.opst: unknown key 'opst' \(did you mean 'opset'\?\)"),
-    "value out of range": (HEAD + "passes:\n  - id: a\n    op: export\n    with: {opset: 99}\n", r"passes\[0\]\.with\.opset: 99 is greater than the maximum"),
-    "wrong type": (HEAD + "serving:\n  workload: {requests: many}\n", r"serving\.workload\.requests: 'many' is not of type 'integer'"),
-    "duplicate id": (HEAD + "passes:\n  - {id: a, op: export}\n  - {id: a, op: export, after: source}\n", r"passes\[1\]\.id: duplicate id 'a'"),
-    "after names no pass": (HEAD + "passes:\n  - {id: a, op: export, after: nothing}\n", r"passes\[0\]\.after: `after` names 'nothing'"),
-    "cycle": (HEAD + "passes:\n  - {id: a, op: export, after: b}\n  - {id: b, op: export, after: a}\n", r"cycle: .*a -> b|cycle: .*b -> a"),
-    "torch stage after onnx stage": (HEAD + "passes:\n  - {id: a, op: export}\n  - {id: b, op: export}\n",
+    "unknown top-level key": (RECIPE_HEAD + "pases: []\n", r"unknown key 'pases' \(did you mean 'passes'\?\)"),
+    "unknown op": (RECIPE_HEAD + "passes:\n  - {id: a, op: quantise}\n", r"passes\[0\]\.op: unknown op 'quantise'"),
+    "typo'd parameter": (RECIPE_HEAD + "passes:\n  - id: a\n    op: export\n    with: {opst: 17}\n", r"passes\[0\]\.with\.opst: unknown key 'opst' \(did you mean 'opset'\?\)"),
+    "value out of range": (RECIPE_HEAD + "passes:\n  - id: a\n    op: export\n    with: {opset: 99}\n", r"passes\[0\]\.with\.opset: 99 is greater than the maximum"),
+    "wrong type": (RECIPE_HEAD + "serving:\n  workload: {requests: many}\n", r"serving\.workload\.requests: 'many' is not of type 'integer'"),
+    "duplicate id": (RECIPE_HEAD + "passes:\n  - {id: a, op: export}\n  - {id: a, op: export, after: source}\n", r"passes\[1\]\.id: duplicate id 'a'"),
+    "after names no pass": (RECIPE_HEAD + "passes:\n  - {id: a, op: export, after: nothing}\n", r"passes\[0\]\.after: `after` names 'nothing'"),
+    "cycle": (RECIPE_HEAD + "passes:\n  - {id: a, op: export, after: b}\n  - {id: b, op: export, after: a}\n", r"cycle: .*a -> b|cycle: .*b -> a"),
+    "torch stage after onnx stage": (RECIPE_HEAD + "passes:\n  - {id: a, op: export}\n  - {id: b, op: export}\n",
                                      r"passes\[1\]\.op: 'export' works on the PyTorch model but comes after 'a'"),
-    "name with a path separator": (HEAD.replace("name: tiny", "name: ../evil"), r"name: '\.\./evil' does not match"),
-    "name with a slash": (HEAD.replace("name: tiny", "name: a/b"), r"name: 'a/b' does not match"),
+    "name with a path separator": (RECIPE_HEAD.replace("name: tiny", "name: ../evil"), r"name: '\.\./evil' does not match"),
+    "name with a slash": (RECIPE_HEAD.replace("name: tiny", "name: a/b"), r"name: 'a/b' does not match"),
     "missing path directory": ("recipe: 1\nname: p\nmodel: {source: path, path: ./no-such-model}\n", r"model\.path: directory .* does not exist"),
-    "unknown family": (HEAD.replace("family: llama", "family: lama"), r"unknown model family 'lama'"),
-    "typo in model config": (HEAD.replace("hidden_size: 32", "hiden_size: 32"), r"model\.config\.hiden_size: llama configs have no key 'hiden_size'"),
-    "reserved id": (HEAD + "passes:\n  - {id: baseline, op: export}\n", r"'baseline' is reserved"),
+    "unknown family": (RECIPE_HEAD.replace("family: llama", "family: lama"), r"unknown model family 'lama'"),
+    "typo in model config": (RECIPE_HEAD.replace("hidden_size: 32", "hiden_size: 32"), r"model\.config\.hiden_size: llama configs have no key 'hiden_size'"),
+    "reserved id": (RECIPE_HEAD + "passes:\n  - {id: baseline, op: export}\n", r"'baseline' is reserved"),
     "missing required key": ("recipe: 1\nname: x\n", r"missing required key 'model'"),
-    "wrong format version": (HEAD.replace("recipe: 1", "recipe: 2"), r"recipe: must be 1"),
-    "gate without a limit": (HEAD + "gates:\n  - {metric: tpot_ms.p50}\n", r"gates\[0\]: needs at least one of: min, max"),
-    "gate on an unknown variant": (HEAD + "gates:\n  - {metric: tpot_ms.p50, max: 1, variant: nope}\n", r"gates\[0\]\.variant: no variant 'nope'"),
-    "poisson without a rate": (HEAD + "serving:\n  workload: {arrival: poisson}\n", r"missing required key 'rate_rps'"),
+    "wrong format version": (RECIPE_HEAD.replace("recipe: 1", "recipe: 2"), r"recipe: must be 1"),
+    "gate without a limit": (RECIPE_HEAD + "gates:\n  - {metric: tpot_ms.p50}\n", r"gates\[0\]: needs at least one of: min, max"),
+    "gate on an unknown variant": (RECIPE_HEAD + "gates:\n  - {metric: tpot_ms.p50, max: 1, variant: nope}\n", r"gates\[0\]\.variant: no variant 'nope'"),
+    "poisson without a rate": (RECIPE_HEAD + "serving:\n  workload: {arrival: poisson}\n", r"missing required key 'rate_rps'"),
 }
 
 
@@ -111,13 +104,13 @@ def test_rejections_name_file_line_column_and_field(tmp_path, case):
 
 
 def test_positions_point_at_the_offending_line(tmp_path):
-    path = write(tmp_path, HEAD + "passes:\n  - id: a\n    op: export\n    with: {opset: 99}\n")
+    path = write(tmp_path, RECIPE_HEAD + "passes:\n  - id: a\n    op: export\n    with: {opset: 99}\n")
     [line] = problems(path)
     assert line.startswith(f"{path}:10:"), line
 
 
 def test_all_problems_are_reported_at_once(tmp_path):
-    path = write(tmp_path, HEAD + "pases: []\nserving: {device: tpu}\ngates: [{metric: x}]\n")
+    path = write(tmp_path, RECIPE_HEAD + "pases: []\nserving: {device: tpu}\ngates: [{metric: x}]\n")
     found = problems(path)
     assert len(found) >= 3, found
 
@@ -130,8 +123,8 @@ def test_alias_bomb_is_refused(tmp_path):
 
 
 def test_cli_validate_exit_codes_and_no_traceback(tmp_path):
-    good = write(tmp_path, HEAD, "good.yaml")
-    bad = write(tmp_path, HEAD + "passes:\n  - {id: a, op: quantise}\n", "bad.yaml")
+    good = write(tmp_path, RECIPE_HEAD, "good.yaml")
+    bad = write(tmp_path, RECIPE_HEAD + "passes:\n  - {id: a, op: quantise}\n", "bad.yaml")
     ok = subprocess.run([sys.executable, "-m", "recipec.cli", "validate", str(good)], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     failed = subprocess.run([sys.executable, "-m", "recipec.cli", "validate", str(good), str(bad)], capture_output=True, text=True)

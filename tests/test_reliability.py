@@ -6,7 +6,7 @@
 - a damaged cache entry is found, discarded and rebuilt end to end; two builds of one recipe at once
   both succeed and leave one consistent out/<name>/ and cache;
 - resource guards: a model that cannot fit is refused before allocation, with the numbers; free disk
-  space (a known gap, xfail);
+  space is checked before a stage or out/<name>/ is written;
 - security: safe YAML, trust_remote_code only when asked (and said), weights_only unpickling, and no
   recipe path (name, model.path, data paths, symlinks in out/) that makes a build write outside
   out/<name>/ and its cache.
@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import kill_at
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -94,25 +95,6 @@ def assert_cache_consistent(cache_root: Path, manifest: dict) -> None:
         assert entry.meta["files"] == stage["files"], stage["id"]
     assert not warnings, warnings
     assert not list((cache_root / "tmp").iterdir()), "temporary stage directories left in the cache"
-
-
-def kill_at(proc: subprocess.Popen, marker: str, delay: float, deadline: float) -> str:
-    """Read the build's stderr until `marker` shows, wait `delay` seconds (so the kill lands inside the stage's
-    work, not at its first line) and SIGKILL it; returns everything it printed."""
-    seen = ""
-    while time.time() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        seen += line
-        if marker in line:
-            time.sleep(delay)
-            proc.send_signal(signal.SIGKILL)
-            rest, _ = proc.communicate()  # lines printed during the delay
-            return seen + (rest or "")
-    proc.kill()
-    proc.wait()
-    raise AssertionError(f"never saw {marker!r}: {seen[-3000:]}")
 
 
 def env_for(tmp: Path) -> dict:
@@ -185,14 +167,14 @@ def kill_and_resume(tmp: Path, text: str, marker: str, delay: float = 1.0, profi
 
 def test_kill_during_export_keeps_the_previous_build_and_resumes(workspace):
     # A new seed: every stage must run again, so the source finishes in the killed build and the export is cut.
-    killed, resumed = kill_and_resume(workspace, recipe_text(seed=1), "running baseline", delay=0.5)
+    killed, resumed = kill_and_resume(workspace, recipe_text(seed=1), "running baseline", delay=0.1)
     assert stages(killed, "done") == {"source"}
     assert "source" in stages(resumed, "cached") and "baseline" in stages(resumed, "running")
 
 
 @pytest.mark.skipif("quantize" not in PASSES, reason="the quantize op is not registered in recipec/passes/__init__.py")
 def test_kill_during_quantization_keeps_the_previous_build_and_resumes(workspace):
-    killed, resumed = kill_and_resume(workspace, recipe_text(seed=2), "running q8", delay=0.3)
+    killed, resumed = kill_and_resume(workspace, recipe_text(seed=2), "running q8", delay=0.02)
     assert stages(killed, "done") == {"source", "baseline"}
     assert stages(resumed, "running") == {"q8"}
 
@@ -200,7 +182,7 @@ def test_kill_during_quantization_keeps_the_previous_build_and_resumes(workspace
 @pytest.mark.slow  # tests/test_build.py kills a first build too, at the start of a stage
 def test_kill_of_a_first_build_leaves_nothing(workspace):
     shutil.rmtree(workspace / "out")
-    _, resumed = kill_and_resume(workspace, recipe_text(seed=3), "running baseline", delay=0.3)
+    _, resumed = kill_and_resume(workspace, recipe_text(seed=3), "running baseline", delay=0.1)
     assert "source" in stages(resumed, "cached")
 
 
@@ -332,8 +314,6 @@ def test_a_path_model_whose_config_cannot_fit_is_refused_before_loading(tmp_path
     assert rc == cli.EXIT_FAILED and re.search(r"parameters: .* needs about [\d,.]+ GiB", err), err
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="gap: the executor does not check free disk space before writing stage outputs "
-                                       "or out/<name>/ (see docs/reliability.md, proposed fix in recipec/executor.py)")
 def test_a_build_that_would_not_fit_on_disk_is_refused_before_writing(tmp_path, monkeypatch):
     """With free space reported as 1 MiB, a build must stop with a clear error before any stage writes.
     The proposed fix reads shutil.disk_usage of the cache and of --out; this test fakes it."""
