@@ -115,6 +115,7 @@ class DecoderAttention(pattern.RewriteRuleClassBase):
             if not (_utils.is_duplicated_cos_sin(cos) and _utils.is_duplicated_cos_sin(sin)):
                 return result.fail("cos/sin are not cat(freqs, freqs) per token", [cos, sin])
         self._heads_info = (heads, kv_heads, head_size, 1.0 / factor if scale_is_divisor else factor)
+        self._length_sources = _length_sources(context.graph_or_function.inputs, past_key)
         self._flat_output = out_bsd.shape.rank() == 2
         return result
 
@@ -122,7 +123,8 @@ class DecoderAttention(pattern.RewriteRuleClassBase):
         heads, kv_heads, head_size, scale = self._heads_info
         out_shape, out_type = q_lin.shape, q_lin.type  # [B, S, H*Dh], as the attention output
         if self._rotary:
-            cos2d, sin2d, positions = _rotary_cache(op, cos, sin, q_lin, head_size // 2)
+            tokens, _ = self._length_sources
+            cos2d, sin2d, positions = _rotary_cache(op, cos, sin, q_lin if tokens is None else tokens, head_size // 2)
             q_lin = op.RotaryEmbedding(q_lin, positions, cos2d, sin2d, _domain=MS)
             k_lin = op.RotaryEmbedding(k_lin, positions, cos2d, sin2d, _domain=MS)
         self.applied.append(self._kind + ("+RotaryEmbedding" if self._rotary else ""))
@@ -131,7 +133,9 @@ class DecoderAttention(pattern.RewriteRuleClassBase):
                 q_lin, k_lin, v_lin, None, None, mask, past_key, past_value,
                 num_heads=heads, scale=scale, _domain=MS, _outputs=3)
         else:
-            seqlens_k, total, query_lens = _gqa_lengths(op, q_lin, past_key)
+            tokens, first_past_key = self._length_sources
+            seqlens_k, total, query_lens = _gqa_lengths(op, q_lin if tokens is None else tokens,
+                                                         past_key if first_past_key is None else first_past_key)
             out, present_key, present_value = op.GroupQueryAttention(
                 q_lin, k_lin, v_lin, past_key, past_value, seqlens_k, total,
                 None, None, None, mask, None, None, None, None, None, query_lens,
@@ -157,8 +161,25 @@ def _head_dims(q_bshd: ir.Value, k_bshd: ir.Value, v_bshd: ir.Value) -> tuple[in
     return heads, kv_heads, size
 
 
+def _length_sources(inputs: Sequence[ir.Value], past_key: ir.Value) -> tuple[ir.Value | None, ir.Value | None]:
+    """Graph inputs that every layer can read its [B, S] and past length off: input_ids and the first past
+    key of the same length. Lengths computed from them are the same nodes in every layer, which CSE merges
+    into one set, instead of ~20 shape ops per layer that a decode step would run for nothing."""
+    by_name = {v.name: v for v in inputs}
+    tokens = by_name.get("input_ids")
+    if tokens is None or tokens.shape is None or tokens.shape.rank() != 2:
+        tokens = None
+    past_length = _dim(past_key, 2)
+    if past_length is None:
+        return tokens, None
+    first = next((v for v in inputs if v.name.startswith("past_key_values.") and v.shape is not None
+                  and v.shape.rank() == 4 and _dim(v, 2) == past_length), None)
+    return tokens, first
+
+
 def _rotary_cache(op, cos, sin, q_lin, half: int):
-    """Per-token cos/sin [Bc,1,S,Dh] -> caches [Bc*S, Dh/2] and position ids [B,S] = row numbers."""
+    """Per-token cos/sin [Bc,1,S,Dh] -> caches [Bc*S, Dh/2] and position ids [B,S] = row numbers.
+    `q_lin` only lends its first two dims [B, S] (input_ids does as well)."""
     def table(x):
         first_half = op.Slice(x, op.Constant(value_ints=[0]), op.Constant(value_ints=[half]),
                               op.Constant(value_ints=[3]))
@@ -174,7 +195,8 @@ def _rotary_cache(op, cos, sin, q_lin, half: int):
 
 
 def _gqa_lengths(op, q_lin, past_key):
-    """GQA's length inputs from shapes: every row holds past+S slots; the mask carries the padding."""
+    """GQA's length inputs from shapes: every row holds past+S slots; the mask carries the padding.
+    `q_lin` only lends [B, S] and `past_key` its length: any layer's (or input_ids) give the same."""
     batch = op.Shape(q_lin, start=0, end=1)
     new = op.Shape(q_lin, start=1, end=2)
     total = op.Add(op.Shape(past_key, start=2, end=3), new)
