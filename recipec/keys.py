@@ -1,7 +1,9 @@
 """Cache keys: sha256 over a stage's parents' keys, its op and canonical parameters, the inputs it
-reads (model spec and its files, data sections and their corpora) and the library versions."""
+reads (model spec and its files, data sections and their corpora), the library versions and the source of
+the recipec code that runs it (an edited pass must not be served from the cache)."""
 from __future__ import annotations
 
+import ast
 import hashlib
 from functools import lru_cache
 from pathlib import Path
@@ -28,6 +30,7 @@ def assign_keys(plan: Plan, versions: dict[str, str] | None = None) -> None:
                 "data": {s: data_material(recipe.resolved["data"][s], recipe.base_dir) for s in PASSES[stage.op].uses_data},
             }
         material["versions"] = versions
+        material["code"] = code_digest(MODELS_MODULE if stage.op == SOURCE else PASSES[stage.op].apply.__module__)
         stage.key = sha256_text(canonical(material))
 
 
@@ -67,3 +70,60 @@ def directory_fingerprint(path: str) -> str:
 @lru_cache(maxsize=256)
 def file_sha256(path: str) -> str:
     return file_digest(Path(path))
+
+
+# ---------------------------------------------------------------- the code a stage runs
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+MODELS_MODULE = "recipec.models"  # what the source stage runs
+# The pass table imports every pass to register it; following it would tie each pass's key to all others.
+NOT_FOLLOWED = {"recipec.passes"}
+
+
+@lru_cache(maxsize=None)
+def code_digest(module: str) -> str:
+    """sha256 over the source of `module` and of every recipec module it imports, directly or not (imports
+    inside functions included): what a stage's output can depend on among recipec's own files."""
+    digest = hashlib.sha256()
+    for name in sorted(_closure(module)):
+        path = _module_file(name)
+        digest.update(f"{path.relative_to(PACKAGE_DIR.parent)}\0".encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _closure(module: str) -> set[str]:
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        if name in seen or _module_file(name) is None:
+            continue
+        seen.add(name)
+        if name not in NOT_FOLLOWED:
+            todo += _imports(name)
+    return seen
+
+
+def _imports(module: str) -> list[str]:
+    path = _module_file(module)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            found.append(base)
+            found += [f"{base}.{alias.name}" for alias in node.names]  # `from . import x` names a module
+    return [name for name in found if name == "recipec" or name.startswith("recipec.")]
+
+
+def _module_file(module: str) -> Path | None:
+    relative = Path(*module.split("."))
+    for candidate in (PACKAGE_DIR.parent / relative.with_suffix(".py"), PACKAGE_DIR.parent / relative / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None

@@ -97,3 +97,28 @@ def test_plan_formats(tmp_path):
     assert [s["id"] for s in as_json["stages"]] == plan.order
     assert as_json["variants"]["baseline"] == "baseline"
     assert plan.to_dot().startswith('digraph "tiny"') and '"source" -> "baseline"' in plan.to_dot()
+
+
+def test_editing_the_code_a_pass_runs_changes_its_key_and_only_its_key(tmp_path, monkeypatch):
+    """A stage's key covers the recipec modules its op imports (transitively), so an edited pass is rebuilt,
+    not served stale from the cache, while ops that never import the edited file keep their keys."""
+    import shutil
+
+    from recipec import keys
+
+    copy = tmp_path / "recipec"
+    shutil.copytree(keys.PACKAGE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(keys, "PACKAGE_DIR", copy)
+    modules = {op: PASSES[op].apply.__module__ for op in ("export", "fuse", "quantize")}
+
+    def digests():
+        keys.code_digest.cache_clear()
+        return {op: keys.code_digest(module) for op, module in modules.items()}
+
+    before = digests()
+    with open(copy / "fusions" / "attention.py", "a") as f:
+        f.write("\n# an edit\n")
+    after = digests()
+    keys.code_digest.cache_clear()
+    assert after["fuse"] != before["fuse"]
+    assert after["export"] == before["export"] and after["quantize"] == before["quantize"]
