@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import networkx as nx
+
 from . import console
-from .cache import Entry, StageCache, process_alive, tree_digest
+from .cache import Entry, StageCache, process_alive
 from .data import RecipeData
 from .diskspace import require_free, tree_bytes
 from .passes import PASSES, PassError, StageContext
@@ -120,9 +122,9 @@ def run_stage(plan: Plan, stage: Stage, runs: dict[str, StageRun], cache: StageC
 
 def _stage_bytes_estimate(plan: Plan, stage: Stage, runs: dict[str, StageRun]) -> int:
     if stage.op == SOURCE:
-        from .models import estimated_source_bytes
+        from .models import check_source_fits
 
-        return estimated_source_bytes(plan.recipe.resolved["model"], plan.recipe.base_dir)
+        return check_source_fits(plan.recipe.resolved["model"], plan.recipe.base_dir)
     # no pass writes more than twice its input (an export of bf16 weights writes float32)
     return 2 * tree_bytes(runs[stage.parents[0]].entry.output)
 
@@ -133,7 +135,7 @@ def _apply(plan: Plan, stage: Stage, runs: dict[str, StageRun], output: Path, de
         from .models import materialize
 
         return materialize(recipe.resolved["model"], recipe.base_dir, output, console.progress, console.say)
-    upstream = {a for a in _ancestors(plan, stage.id)}
+    upstream = nx.ancestors(plan.graph, stage.id)
 
     def stage_dir(stage_id: str) -> Path:
         if stage_id not in upstream:
@@ -145,12 +147,6 @@ def _apply(plan: Plan, stage: Stage, runs: dict[str, StageRun], output: Path, de
         recipe=recipe.resolved, data=RecipeData(recipe.resolved["data"], runs[SOURCE].entry.output, recipe.base_dir),
         stage_dir=stage_dir, progress=console.progress, log=console.say, device=device)
     return PASSES[stage.op].apply(ctx) or {}
-
-
-def _ancestors(plan: Plan, stage_id: str) -> set[str]:
-    import networkx as nx
-
-    return nx.ancestors(plan.graph, stage_id)
 
 
 def _headline(metrics: dict[str, Any]) -> str:
@@ -191,7 +187,8 @@ def manifest(plan: Plan, runs: dict[str, StageRun], device: str) -> dict[str, An
              "files": r.entry.meta["files"], "metrics": r.entry.meta["metrics"]}
             for r in runs.values()
         ],
-        "variants": {v: {"stage": s, "files": tree_digest(runs[s].entry.output)} for v, s in plan.variants.items()},
+        # a variant is a copy of its stage's cache entry, whose files the cache verified against these digests
+        "variants": {v: {"stage": s, "files": runs[s].entry.meta["files"]} for v, s in plan.variants.items()},
         "warnings": plan.warnings,
     }
 

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import psutil
 import torch
 
-from .errors import PassError
+from .errors import PassError, one_line
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -42,12 +42,12 @@ def family_config(family: str, overrides: dict[str, Any]):
         config.validate()
         return config
     except Exception as exc:  # transformers raises whatever its dataclass checks or __init__ arithmetic raise
-        raise PassError(f"cannot build a {family} config from {overrides}: {_one_line(exc)}") from None
+        raise PassError(f"cannot build a {family} config from {overrides}: {one_line(exc)}") from None
 
 
 def check_fits(config, dtype: str, purpose: str) -> dict[str, Any]:
     """Count parameters on the meta device and refuse before allocation when they cannot fit."""
-    parameters = count_parameters(config)
+    parameters = config_parameters(config)
     need = parameters * torch.tensor([], dtype=DTYPES[dtype]).element_size() * HEADROOM[purpose]
     available = psutil.virtual_memory().available
     if need > available:
@@ -58,13 +58,13 @@ def check_fits(config, dtype: str, purpose: str) -> dict[str, Any]:
     return {"parameters": parameters, "estimated_peak_bytes": int(need), "available_bytes": int(available)}
 
 
-def estimated_source_bytes(model: dict[str, Any], base_dir: Path) -> int:
-    """What the source stage will write: the weights at the recipe's dtype (0 where only the hub knows).
-    A synthetic model that cannot fit in memory is refused here, before the disk is looked at."""
+def check_source_fits(model: dict[str, Any], base_dir: Path) -> int:
+    """Refuse a synthetic model that cannot fit in memory (before anything is allocated); return what the
+    source stage will write: the weights at the recipe's dtype (0 where only the hub knows)."""
     if model["source"] == "synthetic":
+        pretraining = "pretrain" in model
         config = family_config(model["family"], model["config"])
-        fit = check_fits(config, "float32" if "pretrain" in model else model["dtype"],
-                         "pretrain" if "pretrain" in model else "load")
+        fit = check_fits(config, "float32" if pretraining else model["dtype"], "pretrain" if pretraining else "load")
         return fit["parameters"] * torch.tensor([], dtype=DTYPES[model["dtype"]]).element_size()
     if model["source"] == "path":
         from .diskspace import tree_bytes
@@ -73,35 +73,38 @@ def estimated_source_bytes(model: dict[str, Any], base_dir: Path) -> int:
     return 0
 
 
-def count_parameters(config) -> int:
+def config_parameters(config) -> int:
+    """The parameter count of the model a config describes, built on the meta device (nothing allocated)."""
     from transformers import AutoModelForCausalLM
 
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except Exception as exc:  # a config transformers accepts can still describe an impossible model
-        raise PassError(f"cannot build a {config.model_type} model from its config: {_one_line(exc)}") from None
+        raise PassError(f"cannot build a {config.model_type} model from its config: {one_line(exc)}") from None
+    return count_parameters(model)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
 def _synthetic(model, base_dir, out_dir, progress, log) -> dict[str, Any]:
+    """The executor has run check_source_fits: the model fits."""
     if "pretrain" in model:
         from .pretrain import pretrain
 
-        config = family_config(model["family"], model["config"])
-        check_fits(config, "float32", "pretrain")
         metrics = pretrain(model["family"], model["config"], model["seed"], model["pretrain"], base_dir, out_dir,
                            progress, log, dtype=model["dtype"])
         return {"source": "synthetic", "pretrained": True, **metrics}
     from transformers import AutoModelForCausalLM
 
     config = family_config(model["family"], model["config"])
-    fit = check_fits(config, model["dtype"], "load")
     torch.manual_seed(model["seed"])
     lm = AutoModelForCausalLM.from_config(config, dtype=DTYPES[model["dtype"]])
     lm.eval()
     lm.save_pretrained(out_dir)
-    return {"source": "synthetic", "pretrained": False, "parameters": fit["parameters"]}
+    return {"source": "synthetic", "pretrained": False, "parameters": count_parameters(lm)}
 
 
 def _from_directory(model, directory: Path, out_dir: Path, log) -> dict[str, Any]:
@@ -113,7 +116,7 @@ def _from_directory(model, directory: Path, out_dir: Path, log) -> dict[str, Any
     try:
         config = AutoConfig.from_pretrained(directory, trust_remote_code=trust)
     except Exception as exc:  # the file (or, with trust_remote_code, its code) is the user's: any error is theirs
-        raise PassError(f"cannot read the model config in {directory}: {_one_line(exc)}") from None
+        raise PassError(f"cannot read the model config in {directory}: {one_line(exc)}") from None
     fit = check_fits(config, model["dtype"], "load")
     if not any(directory.glob("*.safetensors")):
         log(f"note: {directory} has no safetensors weights; loading PyTorch weights with weights_only=True")
@@ -121,7 +124,7 @@ def _from_directory(model, directory: Path, out_dir: Path, log) -> dict[str, Any
         lm = AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES[model["dtype"]], trust_remote_code=trust)
     except pickle.UnpicklingError as exc:  # torch's weights_only refusal: the checkpoint pickles more than tensors
         raise PassError(f"refused to load the PyTorch weights in {directory}: the checkpoint holds objects other "
-                        f"than tensors, and unpickling them could run code ({_one_line(exc)[:300]}); convert it to "
+                        f"than tensors, and unpickling them could run code ({one_line(exc)[:300]}); convert it to "
                         "safetensors") from None
     except (OSError, ValueError) as exc:
         raise PassError(f"cannot load the model in {directory}: {exc}") from None
@@ -145,7 +148,7 @@ def _from_hub(model, out_dir: Path, log) -> dict[str, Any]:
                         f"(is it reachable from this machine?): {str(exc).splitlines()[0]}") from None
     lm.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    return {"source": "hub", "parameters": sum(p.numel() for p in lm.parameters())}
+    return {"source": "hub", "parameters": count_parameters(lm)}
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
@@ -155,7 +158,3 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
             shutil.copy2(src / name, dst / name)
             copied.append(name)
     return copied
-
-
-def _one_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: " + " ".join(str(exc).split())

@@ -17,9 +17,9 @@ from typing import Any
 
 import networkx as nx
 
-from .errors import PassError
+from .errors import PassError, one_line
 from .passes import PASSES
-from .recipe import Problem, Recipe, RecipeInvalid, format_path
+from .recipe import Problem, Recipe, RecipeInvalid
 
 SOURCE = "source"
 BASELINE = "baseline"
@@ -155,11 +155,7 @@ def _declared_stages(recipe: Recipe) -> tuple[list[Stage], list[Problem]]:
                 problems.append(recipe.problem(where, f"`after` names {parent!r}, which is no pass id (known: {', '.join(sorted(known))})"))
             elif parent == stage.id:
                 problems.append(recipe.problem(stage.path + ("after",), f"{stage.id!r} cannot come after itself"))
-    return ([] if problems else _dedupe(stages)), problems
-
-
-def _dedupe(stages: list[Stage]) -> list[Stage]:
-    return list({s.id: s for s in stages}.values())
+    return ([] if problems else stages), problems
 
 
 def _cycle_problems(recipe: Recipe, graph: nx.DiGraph) -> list[Problem]:
@@ -297,7 +293,7 @@ def _source_config(model: dict[str, Any], base_dir):
     try:
         return AutoConfig.from_pretrained(base_dir / model["path"])
     except Exception as exc:  # a broken config.json raises whatever its parser or transformers' checks raise
-        raise PassError(f"cannot read {model['path']}/config.json: {type(exc).__name__}: {' '.join(str(exc).split())}") from None
+        raise PassError(f"cannot read {model['path']}/config.json: {one_line(exc)}") from None
 
 
 def canonical(obj: Any) -> str:
@@ -308,4 +304,4 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-__all__ = ["Plan", "Stage", "build_plan", "plan_problems", "format_path", "SOURCE", "BASELINE"]
+__all__ = ["Plan", "Stage", "build_plan", "plan_problems", "SOURCE", "BASELINE"]

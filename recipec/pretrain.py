@@ -16,6 +16,7 @@ import torch
 
 from . import corpus
 from .errors import PassError
+from .models import DTYPES, count_parameters
 from .passes.base import Progress
 
 _CORPUS_SCHEMA = {
@@ -155,10 +156,9 @@ def evaluate(model, windows: torch.Tensor, batch_size: int = 16) -> float:
 
 
 def _dtype(name: str) -> torch.dtype:
-    allowed = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in allowed:
-        raise PassError(f"dtype must be one of {sorted(allowed)}, got {name!r}")
-    return allowed[name]
+    if name not in DTYPES:
+        raise PassError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
 
 
 def _save(model, config, out_dir: Path, dtype: torch.dtype) -> None:
@@ -170,12 +170,10 @@ def _save(model, config, out_dir: Path, dtype: torch.dtype) -> None:
 
 
 def pretrain(family: str, config_overrides: dict[str, Any], seed: int, spec: dict[str, Any], base_dir: Path,
-             out_dir: Path, progress: Progress, log: Callable[[str], None], dtype: str = "float32",
-             cache_dir: Path | None = None) -> dict[str, Any]:
+             out_dir: Path, progress: Progress, log: Callable[[str], None], dtype: str = "float32") -> dict[str, Any]:
     """Train tokenizer and model; write a save_pretrained directory with tokenizer files to out_dir.
 
     Training runs in float32 whatever `dtype` is; `dtype` is the precision of the saved weights.
-    cache_dir, when given, keeps tokenized corpus streams between processes (corpus.token_stream).
     """
     started = time.perf_counter()
     spec, out_dir, save_dtype = fill_defaults(spec), Path(out_dir), _dtype(dtype)
@@ -188,11 +186,11 @@ def pretrain(family: str, config_overrides: dict[str, Any], seed: int, spec: dic
     tokenizer = corpus.train_tokenizer(spec["corpus"], spec["vocab_size"], base_dir, out_dir, max_positions)
     config.vocab_size = len(tokenizer)
     config.bos_token_id = config.eos_token_id = config.pad_token_id = tokenizer.eos_token_id
-    stream = corpus.token_stream(tokenizer, spec["corpus"], "train", base_dir, cache_dir)
+    stream = corpus.token_stream(tokenizer, spec["corpus"], "train", base_dir)
     eval_windows = corpus.token_windows(tokenizer, spec["corpus"], "eval", spec["eval_samples"], spec["seq_len"],
-                                        seed, base_dir, cache_dir)
+                                        seed, base_dir)
     model = _init_model(config, seed)
-    log(f"pretrain: {family} with {_count(model):,} parameters on {len(stream):,} train tokens")
+    log(f"pretrain: {family} with {count_parameters(model):,} parameters on {len(stream):,} train tokens")
     losses = _train(model, torch.from_numpy(stream.astype("int64")), spec, seed, progress)
     eval_loss = evaluate(model, eval_windows)
     _save(model, config, out_dir, save_dtype)
@@ -209,16 +207,12 @@ def _init_model(config, seed: int):
     return AutoModelForCausalLM.from_config(config)
 
 
-def _count(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def _metrics(spec, losses, eval_loss, model, counts, train_tokens, eval_tokens, started) -> dict[str, Any]:
     tail = losses[-min(10, len(losses)):]  # one batch's loss is noisy; the last ten steps' mean is not
     return {
         "eval_perplexity": math.exp(eval_loss), "eval_loss": eval_loss,
         "train_loss": sum(tail) / len(tail), "initial_train_loss": losses[0],
-        "vocab_size": model.config.vocab_size, "parameters": _count(model), "steps": spec["steps"],
+        "vocab_size": model.config.vocab_size, "parameters": count_parameters(model), "steps": spec["steps"],
         "tokens_seen": spec["steps"] * spec["batch_size"] * spec["seq_len"],
         "train_tokens": train_tokens, "train_files": counts["train"], "eval_files": counts["eval"],
         "eval_tokens": eval_tokens, "seconds": time.perf_counter() - started,

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .base import CheckContext, Pass, PassError, StageContext
-from .torch_lm import eval_windows, load_lm, save_lm, score
+from .torch_lm import RESHAPING_OPS, count_parameters, eval_windows, load_lm, save_lm, score, top_indices
 
 MODES = ("moefy", "top_k", "prune_experts")
 MOEFY_FAMILIES = {"llama": "mixtral", "mistral": "mixtral"}
@@ -123,7 +123,7 @@ def _config_problems(p: dict[str, Any], config) -> list[tuple[tuple, str]]:
 
 
 def check(params: dict[str, Any], ctx: CheckContext) -> list[tuple[tuple, str]]:
-    reshaped = any(op in ("prune", "moe") for op in ctx.upstream.values())
+    reshaped = any(op in RESHAPING_OPS for op in ctx.upstream.values())
     # After another prune/moe stage the source config no longer describes this stage's input: apply re-checks.
     return problems_for(params, None if reshaped else ctx.model_config)
 
@@ -132,7 +132,7 @@ def check(params: dict[str, Any], ctx: CheckContext) -> list[tuple[tuple, str]]:
 
 def active_parameters(model) -> int:
     """Parameters a token uses: all, less the share of expert weights its router does not choose."""
-    total = sum(p.numel() for p in model.parameters())
+    total = count_parameters(model)
     top_k = getattr(model.config, "num_experts_per_tok", None)
     for module in model.modules():
         if hasattr(module, "gate_up_proj") and hasattr(module, "down_proj") and module.gate_up_proj.ndim == 3:
@@ -296,7 +296,7 @@ def prune_experts(model, keep: int, calibration: torch.Tensor, advance: Callable
     usage = expert_usage(model, calibration)
     kept_all = []
     for block, used in zip(moe_blocks(model), usage):
-        kept = torch.sort(torch.argsort(-used, stable=True)[:keep]).values
+        kept = top_indices(used, keep)
         with torch.no_grad():
             block.gate.weight = torch.nn.Parameter(block.gate.weight[kept].clone())
             block.experts.gate_up_proj = torch.nn.Parameter(block.experts.gate_up_proj[kept].clone())
@@ -320,7 +320,7 @@ def apply(ctx: StageContext) -> dict[str, Any]:
         raise PassError("moe: " + "; ".join(f"{'.'.join(map(str, where))}: {message}" for where, message in problems))
     windows = eval_windows(ctx.data)
     before = score(model, windows)
-    active_before, total_before = active_parameters(model), sum(w.numel() for w in model.parameters())
+    active_before, total_before = active_parameters(model), count_parameters(model)
     reference = model if p["mode"] == "moefy" else copy.deepcopy(model)
     result, details = _run_mode(ctx, model, p)
     save_lm(result, ctx.input_dir, ctx.output_dir)
@@ -331,7 +331,7 @@ def apply(ctx: StageContext) -> dict[str, Any]:
             f"perplexity {before['perplexity']:.2f} -> {after['perplexity']:.2f}")
     return {"mode": p["mode"], "family_before": model.config.model_type, "family_after": result.config.model_type,
             **details, "parameters_before": total_before,
-            "parameters_after": sum(w.numel() for w in result.parameters()),
+            "parameters_after": count_parameters(result),
             "active_parameters_before": active_before, "active_parameters_after": active_after,
             "eval_perplexity_before": before["perplexity"], "eval_perplexity_after": after["perplexity"],
             "eval_kl_to_input": after["kl"]}

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .base import CheckContext, Pass, PassError, StageContext
-from .torch_lm import count_parameters, eval_windows, load_lm, save_lm, score
+from .torch_lm import RESHAPING_OPS, count_parameters, eval_windows, load_lm, save_lm, score, top_indices
 
 TARGETS = ("mlp", "heads", "layers", "unstructured")
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
@@ -33,8 +33,6 @@ FAMILIES = {"mlp": LLAMA_LIKE + ("gpt2",), "heads": LLAMA_LIKE, "layers": LLAMA_
 KEEP_KEYS = {"mlp": "keep_intermediate_size", "heads": "keep_heads", "layers": "keep_layers"}
 IMPORTANCE = {"mlp": ("activation", "magnitude"), "heads": ("activation", "magnitude"),
               "layers": ("block_influence",), "unstructured": ("magnitude",)}
-# Ops after which the source config no longer describes the model this stage gets.
-RESHAPING_OPS = ("prune", "moe")
 
 
 def _keep(description: str) -> dict[str, Any]:
@@ -277,12 +275,6 @@ def block_influence(model, calibration: torch.Tensor) -> torch.Tensor:
     return totals / count[0]
 
 
-def _kept_indices(scores: torch.Tensor, keep: int) -> torch.Tensor:
-    """Indices of the `keep` highest scores, ascending (stable ranking: ties keep the lower index)."""
-    order = torch.argsort(-scores, stable=True)[:keep]
-    return torch.sort(order).values
-
-
 # --- the four targets --------------------------------------------------------------------------------------
 
 def prune_mlp(model, keep: int, importance: str, calibration: torch.Tensor | None, advance: Callable) -> None:
@@ -290,7 +282,7 @@ def prune_mlp(model, keep: int, importance: str, calibration: torch.Tensor | Non
     important ones."""
     scores = mlp_activation_importance(model, calibration) if importance == "activation" else None
     layers = decoder_layers(model)
-    kept = [_kept_indices(scores[i] if scores is not None else _mlp_magnitude(layer), keep)
+    kept = [top_indices(scores[i] if scores is not None else _mlp_magnitude(layer), keep)
             for i, layer in enumerate(layers)]
     if model.config.model_type == "gpt2":
         for layer, index in zip(layers, kept):
@@ -375,11 +367,11 @@ def _kept_heads(q_scores: torch.Tensor, kv_scores: torch.Tensor, group: int, kee
     kept query heads stay grouped in kv order."""
     per_group = q_scores.view(-1, group)
     if gqa == "kv_groups":
-        kv_keep = _kept_indices(per_group.sum(1) + kv_scores, keep_heads // group)
+        kv_keep = top_indices(per_group.sum(1) + kv_scores, keep_heads // group)
         q_keep = (kv_keep[:, None] * group + torch.arange(group)).flatten()
         return q_keep, kv_keep
     per = keep_heads // per_group.shape[0]
-    q_keep = torch.cat([g * group + _kept_indices(row, per) for g, row in enumerate(per_group)])
+    q_keep = torch.cat([g * group + top_indices(row, per) for g, row in enumerate(per_group)])
     return q_keep, torch.arange(per_group.shape[0])
 
 
@@ -389,7 +381,7 @@ def _rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 def prune_layers(model, keep: int, calibration: torch.Tensor, advance: Callable) -> dict[str, Any]:
     influence = block_influence(model, calibration)
-    kept = _kept_indices(influence, keep).tolist()
+    kept = top_indices(influence, keep).tolist()
     layers = decoder_layers(model)
     new = torch.nn.ModuleList(layers[i] for i in kept)
     for position, layer in enumerate(new):
@@ -444,11 +436,11 @@ def apply(ctx: StageContext) -> dict[str, Any]:
     details = _run_target(ctx, model)
     save_lm(model, ctx.input_dir, ctx.output_dir)
     pruned = load_lm(ctx.output_dir)  # what later stages load: proves the config round-trips
-    after = score(pruned, windows, reference)
-    ctx.log(f"prune {target}: {parameters_before:,} -> {count_parameters(pruned):,} parameters, "
+    after, parameters_after = score(pruned, windows, reference), count_parameters(pruned)
+    ctx.log(f"prune {target}: {parameters_before:,} -> {parameters_after:,} parameters, "
             f"perplexity {before['perplexity']:.2f} -> {after['perplexity']:.2f}")
     return {"target": target, "importance": _resolved_importance(params), **details,
-            "parameters_before": parameters_before, "parameters_after": count_parameters(pruned),
+            "parameters_before": parameters_before, "parameters_after": parameters_after,
             "eval_perplexity_before": before["perplexity"], "eval_perplexity_after": after["perplexity"],
             "eval_kl_to_unpruned": after["kl"]}
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..models import copy_tokenizer_files
+from ..models import copy_tokenizer_files, count_parameters  # noqa: F401 - the passes count through here
 from .base import PassError
 
 SCORE_BATCH = 8
@@ -40,10 +40,6 @@ def save_lm(model: torch.nn.Module, input_dir: Path, output_dir: Path) -> None:
     copy_tokenizer_files(Path(input_dir), Path(output_dir))
 
 
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def eval_windows(data: Any) -> torch.Tensor:
     windows = data.eval()
     if windows.ndim != 2 or windows.shape[1] < 2:
@@ -69,3 +65,13 @@ def score(model: torch.nn.Module, windows: torch.Tensor, reference: torch.nn.Mod
     if reference is not None:
         result["kl"] = kl / positions
     return result
+
+
+# Ops after which the source config no longer describes the model a later stage gets.
+RESHAPING_OPS = ("prune", "moe")
+
+
+def top_indices(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Indices of the `keep` highest scores, ascending (stable ranking: ties keep the lower index)."""
+    order = torch.argsort(-scores, stable=True)[:keep]
+    return torch.sort(order).values
