@@ -73,27 +73,28 @@ class StageCache:
         meta_file = where / ENTRY
         if not meta_file.is_file():
             return None
-        problem = self._verify(where, meta_file)
+        meta, problem = self._verify(where, meta_file)
         if problem:
             self.warn(f"cache entry {key[:12]} is corrupt ({problem}); discarding it and rebuilding")
             shutil.rmtree(where, ignore_errors=True)
             return None
-        return Entry(key, where / "output", json.loads(meta_file.read_text()))
+        return Entry(key, where / "output", meta)
 
-    def _verify(self, where: Path, meta_file: Path) -> str | None:
+    def _verify(self, where: Path, meta_file: Path) -> tuple[dict[str, Any] | None, str | None]:
+        """(the entry's metadata, None) when every file matches its recorded sha256, else (None, why not)."""
         try:
             meta = json.loads(meta_file.read_text())
             expected = meta["files"]
         except (ValueError, KeyError, OSError) as exc:
-            return f"unreadable entry.json: {exc}"
+            return None, f"unreadable entry.json: {exc}"
         output = where / "output"
         actual = {str(p.relative_to(output)) for p in output.rglob("*") if p.is_file()} if output.is_dir() else set()
         if actual != set(expected):
-            return f"files differ: missing {sorted(set(expected) - actual)[:3]}, unexpected {sorted(actual - set(expected))[:3]}"
+            return None, f"files differ: missing {sorted(set(expected) - actual)[:3]}, unexpected {sorted(actual - set(expected))[:3]}"
         for rel, digest in expected.items():
             if file_digest(output / rel) != digest:
-                return f"{rel} does not match its sha256"
-        return None
+                return None, f"{rel} does not match its sha256"
+        return meta, None
 
     @contextmanager
     def lock(self, key: str, on_wait: Callable[[], None] = lambda: None) -> Iterator[None]:

@@ -38,8 +38,7 @@ def run_guarded(command: Callable[[], int], debug: bool = False) -> int:
     try:
         return command()
     except RecipeInvalid as exc:
-        for problem in exc.problems:
-            console.error(problem.format(exc.file))
+        _print_problems(exc)
         return EXIT_INVALID
     except UsageError as exc:
         console.error(str(exc))
@@ -55,6 +54,11 @@ def run_guarded(command: Callable[[], int], debug: bool = False) -> int:
             raise
         console.error(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
         return EXIT_FAILED
+
+
+def _print_problems(exc) -> None:
+    for problem in exc.problems:
+        console.error(problem.format(exc.file))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -122,8 +126,7 @@ def cmd_validate(args) -> int:
         try:
             load_recipe(path)
         except RecipeInvalid as exc:
-            for problem in exc.problems:
-                console.error(problem.format(exc.file))
+            _print_problems(exc)
             status = EXIT_INVALID
         else:
             print(f"{path}: valid")

@@ -234,8 +234,7 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)  # concurrent builds may race: the loser's identical file replaces the winner's
 
 
-def token_windows(tokenizer, spec: Any, split: Split, samples: int, seq_len: int, seed: int, base_dir: Path,
-                  cache_dir: Path | None = None) -> torch.Tensor:
+def token_windows(tokenizer, spec: Any, split: Split, samples: int, seq_len: int, seed: int, base_dir: Path) -> torch.Tensor:
     """`samples` distinct, non-overlapping windows of `seq_len` tokens from a split: int64 [samples, seq_len].
 
     Windows are aligned to multiples of seq_len in the split's token stream and drawn without replacement
@@ -243,7 +242,7 @@ def token_windows(tokenizer, spec: Any, split: Split, samples: int, seq_len: int
     """
     if samples < 1 or seq_len < 2:
         raise PassError(f"token windows need samples >= 1 and seq_len >= 2, got {samples} and {seq_len}")
-    stream = token_stream(tokenizer, spec, split, base_dir, cache_dir)
+    stream = token_stream(tokenizer, spec, split, base_dir)
     available = len(stream) // seq_len
     if samples > available:
         raise PassError(f"the {split} split has {len(stream)} tokens: only {available} windows of {seq_len} "

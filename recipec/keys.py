@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .cache import file_digest
+from .cache import file_digest, tree_digest
 from .data import corpus_spec
 from .passes import PASSES
 from .planner import SOURCE, Plan, canonical, sha256_text
@@ -19,6 +19,13 @@ from .versions import library_versions
 def assign_keys(plan: Plan, versions: dict[str, str] | None = None) -> None:
     versions = versions or library_versions()
     recipe = plan.recipe
+    data: dict[str, dict[str, Any]] = {}  # a text section's fingerprint reads its whole corpus: once per plan
+
+    def section(name: str) -> dict[str, Any]:
+        if name not in data:
+            data[name] = data_material(recipe.resolved["data"][name], recipe.base_dir)
+        return data[name]
+
     for stage in plan.stages:
         if stage.op == SOURCE:
             material: dict[str, Any] = {"op": SOURCE, "model": source_material(recipe.resolved["model"], recipe.base_dir)}
@@ -27,7 +34,7 @@ def assign_keys(plan: Plan, versions: dict[str, str] | None = None) -> None:
                 "op": stage.op,
                 "params": stage.params,
                 "parents": [plan.stage(p).key for p in stage.parents],
-                "data": {s: data_material(recipe.resolved["data"][s], recipe.base_dir) for s in PASSES[stage.op].uses_data},
+                "data": {s: section(s) for s in PASSES[stage.op].uses_data},
             }
         material["versions"] = versions
         material["code"] = code_digest(MODELS_MODULE if stage.op == SOURCE else PASSES[stage.op].apply.__module__)
@@ -60,10 +67,9 @@ def data_material(spec: dict[str, Any], base_dir: Path) -> dict[str, Any]:
 def directory_fingerprint(path: str) -> str:
     """Content hash of a model directory (relative paths and bytes), so an edited checkpoint rebuilds."""
     digest = hashlib.sha256()
-    root = Path(path)
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(root)).encode() + b"\0")
-        digest.update(file_sha256(str(file)).encode())
+    for relative, file_hash in tree_digest(Path(path)).items():
+        digest.update(relative.encode() + b"\0")
+        digest.update(file_hash.encode())
     return digest.hexdigest()
 
 
