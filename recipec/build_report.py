@@ -54,7 +54,7 @@ def profile_variants(name: str, sha256: str, recipe_path: str, resolved: dict[st
     for variant, directory in variants.items():
         console.say(f"profiling {variant}")
         entry = profile_variant(directory, resolved["serving"], device, eval_tokens, reference["logits"],
-                                reference["greedy"], hardware=hardware, isolate=True, log=lambda s: console.say(f"  {s}"))
+                                reference["greedy"], hardware=hardware, log=lambda s: console.say(f"  {s}"))
         entry["artifact"]["path"] = f"variants/{variant}"
         measured[variant] = entry
     return build_report({"name": name, "sha256": sha256, "path": recipe_path}, hardware, measured, resolved["gates"],

@@ -20,17 +20,16 @@ how request-level batching behaves and the waste that iteration-level scheduling
 
 Threading: `submit` and `Request.cancel` may be called from any thread. `step` must be called from
 one thread at a time: either a driver (the load generator, on a real or fake clock) or the engine's
-own thread started with `start()` (what an HTTP server uses; it streams with `Request.stream()`).
+own thread started with `start()` (what an HTTP server uses; it streams through `on_token`/`on_finish`).
 """
 from __future__ import annotations
 
 import itertools
-import queue
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -105,7 +104,6 @@ class Policy:
 
 
 _ids = itertools.count()
-_END = object()
 
 
 @dataclass(eq=False)
@@ -122,7 +120,6 @@ class Request:
     cancelled: bool = False
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
-    _stream: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
 
     @property
     def finished(self) -> bool:
@@ -131,16 +128,6 @@ class Request:
     def cancel(self) -> None:
         # Read by the scheduler thread at its next step; a bool store is atomic under the GIL.
         self.cancelled = True
-
-    def stream(self, timeout: float | None = None) -> Iterator[tuple[int, float]]:
-        """Yields (token, timestamp) as they are produced, until the request ends."""
-        while True:
-            item = self._stream.get(timeout=timeout)
-            if item is _END:
-                if self.error is not None:
-                    raise self.error
-                return
-            yield item
 
     def record(self) -> RequestRecord:
         return RequestRecord(self.arrival, list(self.token_times), len(self.prompt), self.cancelled)
@@ -290,7 +277,6 @@ class Engine:
                 continue
             r.tokens.append(tok)
             r.token_times.append(t)
-            r._stream.put((tok, t))
             if r.on_token:
                 r.on_token(r, tok, t)
             eos = not r.ignore_eos and self._is_eos(tok)
@@ -306,7 +292,6 @@ class Engine:
             return
         r.error = error
         r.done.set()
-        r._stream.put(_END)
         if r.on_finish:
             r.on_finish(r)
 

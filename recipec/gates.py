@@ -18,12 +18,12 @@ fails, with the reason; a gate never passes on a number that was not measured.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
+
+from .metrics import LATENCY_METRICS, STAT_KEYS
 
 QUALITY = ("kl_divergence", "top1_agreement", "perplexity", "perplexity_ratio", "greedy_agreement")
 ARTIFACT = ("bytes", "parameters", "active_parameters")
-STATS = ("mean", "p50", "p90", "p99")
-DISTRIBUTIONS = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_latency_ms")
 SCALARS = ("request_throughput_rps", "output_throughput_tok_s", "total_throughput_tok_s", "goodput_rps",
            "mbu", "mbu_step", "mfu", "mfu_prefill", "mfu_decode", "peak_memory_mb")
 SELECTORS = {"batching": str, "concurrency": int, "rate_rps": float}
@@ -51,7 +51,7 @@ def _check_parts(section: str, parts: tuple[str, ...], path: str) -> None:
         "quality": len(parts) == 1 and parts[0] in QUALITY,
         "artifact": len(parts) == 1 and parts[0] in ARTIFACT,
         "serving": (len(parts) == 1 and parts[0] in SCALARS)
-        or (len(parts) == 2 and parts[0] in DISTRIBUTIONS and parts[1] in STATS),
+        or (len(parts) == 2 and parts[0] in LATENCY_METRICS and parts[1] in STAT_KEYS),
     }[section]
     if not ok:
         raise ValueError(f"unknown metric {path!r}; known: {', '.join(known_metrics())}")
@@ -73,7 +73,7 @@ def _parse_selectors(text: str) -> dict[str, Any]:
 
 def known_metrics() -> list[str]:
     return ([*QUALITY] + [f"artifact.{a}" for a in ARTIFACT]
-            + [f"{d}.{s}" for d in DISTRIBUTIONS for s in STATS] + [*SCALARS])
+            + [f"{d}.{s}" for d in LATENCY_METRICS for s in STAT_KEYS] + [*SCALARS])
 
 
 def validate_gate_metric(path: str) -> str | None:
@@ -93,7 +93,8 @@ def _target_variants(gate: dict[str, Any], report: dict[str, Any]) -> list[str]:
     return others or names
 
 
-def _lookup(d: Any, keys: tuple[str, ...]) -> Any:
+def lookup(d: Any, keys: Sequence[str]) -> Any:
+    """d[k0][k1]..., or None where a level is missing or not a mapping."""
     for k in keys:
         if not isinstance(d, dict) or k not in d:
             return None
@@ -116,7 +117,7 @@ def _serving_value(variant: dict[str, Any], parts, selectors, op: str) -> tuple[
     runs = [r for r in variant.get("serving") or [] if _matches(r, selectors)]
     if not runs:
         return None, None, "no serving run" + (f" matches {selectors}" if selectors else " was measured")
-    values = [(_lookup(r, parts), _run_label(r)) for r in runs]
+    values = [(lookup(r, parts), _run_label(r)) for r in runs]
     missing = [label for v, label in values if v is None]
     if missing:
         return None, missing[0], f"not measured in run ({missing[0]})"
@@ -127,7 +128,7 @@ def _serving_value(variant: dict[str, Any], parts, selectors, op: str) -> tuple[
 def _value(variant: dict[str, Any], section: str, parts, selectors, op: str):
     if section == "serving":
         return _serving_value(variant, parts, selectors, op)
-    v = _lookup(variant.get(section), parts)
+    v = lookup(variant.get(section), parts)
     return v, None, None if v is not None else f"{section}.{'.'.join(parts)} was not measured"
 
 

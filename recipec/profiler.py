@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from .diskspace import tree_bytes
 from .engine import CacheOps, Engine, Policy, RealClock
 from .loadgen import Workload, run_closed_loop, run_open_loop
 from .metrics import ModelCost, Peaks, RequestRecord, StepRecord, summarize_run
@@ -370,7 +371,7 @@ def _torch_greedy(model, prompt: Sequence[int], n_new: int) -> list[int]:
 # ---------- the entry point ----------
 
 def artifact_section(variant_dir: Path, art: dict[str, Any], cost: ModelCost) -> dict[str, Any]:
-    size = sum(p.stat().st_size for p in Path(variant_dir).rglob("*") if p.is_file())
+    size = tree_bytes(variant_dir)
     w = art["weights"]
     return {"path": str(variant_dir), "bytes": int(size), "parameters": int(w["parameters"]),
             "active_parameters": int(w["active_parameters"]), "weight_bytes_per_decode_step": cost.weight_bytes_per_step,
@@ -380,7 +381,7 @@ def artifact_section(variant_dir: Path, art: dict[str, Any], cost: ModelCost) ->
 def profile_variant(variant_dir: Path | str, serving_spec: dict[str, Any], device: str = "cpu",
                     eval_tokens: np.ndarray | None = None, source_logits: np.ndarray | None = None,
                     source_greedy: dict[str, Any] | None = None, hardware: dict[str, Any] | None = None,
-                    isolate: bool = True, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+                    log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """The report's `variants.<id>` entry. `hardware` is hardware_info()'s dict (its peaks are the MBU
     and MFU denominators; without it they are null)."""
     from .artifact import read_artifact
@@ -389,8 +390,7 @@ def profile_variant(variant_dir: Path | str, serving_spec: dict[str, Any], devic
     art = read_artifact(variant_dir)
     runs = serving_plan(serving_spec)
     threads = int(serving_spec.get("threads", 0))
-    serve = _serve_isolated if isolate else serve_runs
-    raw = serve(variant_dir, device, runs, threads, log)
+    raw = _serve_isolated(variant_dir, device, runs, threads, log)
     peaks = _peaks(hardware)
     cost = model_cost(art)
     serving = [summarize_raw(r, cost, peaks, serving_spec.get("slo")) for r in raw["runs"]]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from . import __version__
-from .gates import evaluate_gates
+from .gates import evaluate_gates, lookup
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "report.schema.json"
 
@@ -133,11 +133,7 @@ def delta(v: float | None, base: float | None) -> str:
 
 
 def get(d: Any, path: str) -> Any:
-    for k in path.split("."):
-        if not isinstance(d, dict):
-            return None
-        d = d.get(k)
-    return d
+    return lookup(d, path.split("."))
 
 
 def run_key(run: dict[str, Any]) -> tuple:

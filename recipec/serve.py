@@ -542,7 +542,7 @@ def _openai_reason(reason: str) -> str:
 
 async def _complete(service: Service, handle: Handle, request) -> dict[str, Any]:
     """Wait for the whole completion, checking twice a second whether the client is still there."""
-    text, tokens = Detokenizer(service.spec.tokenizer), []
+    tokens: list[int] = []
     while True:
         try:
             kind, value = await asyncio.wait_for(handle.events.get(), timeout=0.5)
@@ -553,7 +553,6 @@ async def _complete(service: Service, handle: Handle, request) -> dict[str, Any]
             continue
         if kind == "token":
             tokens.append(value)
-            text.add(value)
             continue
         if value == "error":
             raise ApiError(500, f"generation failed: {handle.request.error}")

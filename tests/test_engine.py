@@ -159,10 +159,13 @@ def test_thread_mode_streams_tokens_from_another_thread():
     clock = RealClock()
     model = FakeModel(clock, tick=lambda dt: None)
     eng = Engine(model, Policy("continuous", max_batch_size=4), clock)
+    streamed: dict[int, list[int]] = {}
     eng.start()
     try:
-        reqs = [eng.submit([i], 5) for i in range(3)]
-        got = [[tok for tok, _ in r.stream(timeout=5)] for r in reqs]
+        reqs = [eng.submit([i], 5, on_token=lambda r, tok, t: streamed.setdefault(r.id, []).append(tok))
+                for i in range(3)]
+        assert all(r.done.wait(5) for r in reqs)
+        got = [streamed[r.id] for r in reqs]
     finally:
         eng.stop()
     assert got == [[1, 2, 3, 4, 5], [2, 3, 4, 5, 6], [3, 4, 5, 6, 7]]
@@ -176,8 +179,9 @@ def test_thread_mode_fails_requests_when_the_model_raises():
     eng.start()
     try:
         r = eng.submit([1], 3)
+        assert r.done.wait(5)
         with pytest.raises(RuntimeError, match="boom"):
-            list(r.stream(timeout=5))
+            raise r.error
     finally:
         eng.stop()
 
