@@ -4,8 +4,6 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-INT64_MAX = np.iinfo(np.int64).max
-
 
 def const(value: ir.Value | None) -> np.ndarray | None:
     if value is None:

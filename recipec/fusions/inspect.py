@@ -17,7 +17,6 @@ class Graph:
     """Initializers by name and producers by output name, read once."""
 
     def __init__(self, proto: onnx.ModelProto):
-        self.proto = proto
         self.inits = {t.name: t for t in proto.graph.initializer}
         self.producer = {o: n for n in proto.graph.node for o in n.output}
         for node in proto.graph.node:  # Constant nodes hold weights in some exports

@@ -259,11 +259,10 @@ def apply(ctx: StageContext) -> dict[str, Any]:
         scores = _evaluate(params, source, target, ctx)
     artifact.copy_support_files(ctx.input_dir, ctx.output_dir)
     artifact.write_artifact_json(ctx.output_dir, base=base)
-    quantized = onnx.load(str(target), load_external_data=False)
+    quantized = onnx.load(str(target))
     return {
         "scheme": params["scheme"], "options": opts, "excluded_nodes": excluded, "quantization": records,
-        "matmul_weight_bytes": {"before": weight_bytes_before,
-                                "after": inspect.matmul_weight_bytes(onnx.load(str(target)))},
+        "matmul_weight_bytes": {"before": weight_bytes_before, "after": inspect.matmul_weight_bytes(quantized)},
         "file_bytes": {"before": runtime.file_bytes(ctx.input_dir), "after": runtime.file_bytes(ctx.output_dir)},
         "ops": _quant_ops(quantized), **scores,
     }
