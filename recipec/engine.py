@@ -240,17 +240,22 @@ class Engine:
             n, tokens = n + 1, tokens + len(r.prompt)
         return self._take(n)
 
-    def _run(self, kind: str, call: Callable[[], tuple[Any, Any]], ctx: list[int], padded: int) -> tuple[np.ndarray, Any]:
+    def _run(self, kind: str, call: Callable[[], tuple[Any, Any]], ctx: list[int], padded: int,
+             rows: Sequence[Request]) -> tuple[np.ndarray, Any]:
         t0 = self.clock.now()
         logits, cache = call()
-        tokens = np.asarray(logits).argmax(axis=-1)  # greedy: the measured workload is deterministic
+        tokens = self._pick(logits, rows)
         if self.record_steps:
             self.steps.append(StepRecord(kind, t0, self.clock.now(), ctx, len(tokens), padded))
         return tokens, cache
 
+    def _pick(self, logits: Any, rows: Sequence[Request]) -> np.ndarray:
+        """One token per row of the step's logits: greedy, so the measured workload is deterministic."""
+        return np.asarray(logits).argmax(axis=-1)
+
     def _prefill(self, reqs: list[Request]) -> None:
         tokens, cache = self._run("prefill", lambda: self.model.prefill([r.prompt for r in reqs]),
-                                  [len(r.prompt) for r in reqs], max(len(r.prompt) for r in reqs))
+                                  [len(r.prompt) for r in reqs], max(len(r.prompt) for r in reqs), reqs)
         self._emit(reqs, tokens, self.clock.now())
         if self.policy.batching != "continuous":
             self._rows, self._cache = list(reqs), cache
@@ -267,7 +272,7 @@ class Engine:
         past = self.ops.length(self._cache)
         tokens, self._cache = self._run(
             "decode", lambda: self.model.decode([r.tokens[-1] for r in self._rows], self._cache),
-            [len(r.prompt) + len(r.tokens) for r in live], past + 1)
+            [len(r.prompt) + len(r.tokens) for r in live], past + 1, self._rows)
         self._emit(self._rows, tokens, self.clock.now())
         self._retire_rows()
 

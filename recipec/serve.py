@@ -192,17 +192,13 @@ def _boolean(body: dict[str, Any], name: str) -> bool:
 # ---------------------------------------------------------------- the engine with per-request sampling
 
 class SamplingEngine(Engine):
-    """The profiler's Engine, choosing each row's token by its request's sampling parameters.
-
-    Engine picks argmax of what the model step returns, so the step is wrapped to sample first and
-    return a one-hot row per sampled token: scheduling, step records and the measured timings stay the
-    engine's own. The rows of a step are the requests of the prefill batch or the engine's running rows.
-    """
+    """The profiler's Engine, choosing each row's token by its request's sampling parameters (the rows of a
+    step are the requests of the prefill batch or the engine's running rows); scheduling, step records and
+    the measured timings stay the engine's own."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._params: dict[int, Sampling] = {}
-        self._batch: list[Request] = []
 
     def submit_sampled(self, prompt: Sequence[int], max_new_tokens: int, sampling: Sampling, **kwargs) -> Request:
         # The engine thread takes new requests under self._cond, an RLock: holding it here until the
@@ -215,25 +211,8 @@ class SamplingEngine(Engine):
     def forget(self, request: Request) -> None:
         self._params.pop(request.id, None)
 
-    def _prefill(self, reqs: list[Request]) -> None:
-        self._batch = reqs
-        super()._prefill(reqs)
-
-    def _decode(self) -> None:
-        self._batch = list(self._rows)
-        super()._decode()
-
-    def _run(self, kind, call, ctx, padded):
-        rows = self._batch
-
-        def sampled():
-            logits, cache = call()
-            tokens = [self._choose(np.asarray(logits[i:i + 1]), r) for i, r in enumerate(rows)]
-            chosen = np.zeros((len(tokens), max(tokens) + 1), dtype=np.int8)
-            chosen[np.arange(len(tokens)), tokens] = 1
-            return chosen, cache
-
-        return super()._run(kind, sampled, ctx, padded)
+    def _pick(self, logits, rows: Sequence[Request]) -> np.ndarray:
+        return np.array([self._choose(np.asarray(logits[i:i + 1]), r) for i, r in enumerate(rows)], dtype=np.int64)
 
     def _choose(self, logits: np.ndarray, request: Request) -> int:
         from .runtime import sample
