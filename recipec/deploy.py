@@ -92,7 +92,7 @@ def read_manifest(build_dir: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise PassError(f"{build_dir} is not a recipec build directory (no manifest.json)") from None
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # not JSON, or not even UTF-8
         raise PassError(f"{path} is not valid JSON ({exc}); rebuild") from None
 
 
@@ -446,31 +446,32 @@ def command_manifest(build_dir: Path, variants: Sequence[str] | None) -> dict[st
     """The build's manifest for a command: a missing build or an unknown variant is a usage error (exit 2)."""
     from .cli import UsageError
 
-    path = Path(build_dir) / "manifest.json"
     try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"{build_dir} is not a recipec build directory (no manifest.json)") from None
-    except ValueError as exc:
-        raise UsageError(f"{path} is not valid JSON ({exc}); rebuild") from None
-    known = list(manifest.get("variants", {}))
-    unknown = [v for v in variants or [] if v not in known]
-    if unknown:
-        raise UsageError(f"no variant {unknown[0]!r} in {build_dir} (variants: {', '.join(known)})")
+        manifest = read_manifest(build_dir)
+        chosen_variants(manifest, variants, build_dir)
+    except PassError as exc:
+        raise UsageError(str(exc)) from None
     return manifest
+
+
+def override_policy(base: Policy, args, command: str) -> Policy:
+    """The recipe's batching policy with the command line's --policy/--max-batch-size/--max-wait-ms applied."""
+    from .cli import UsageError
+
+    overrides = {"batching": args.policy, "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms}
+    try:
+        return Policy(**{**base.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
+    except ValueError as exc:
+        raise UsageError(f"{command}: {exc}") from None
 
 
 def cmd_deploy_triton(args) -> int:
     from . import console
-    from .cli import EXIT_OK, UsageError
+    from .cli import EXIT_OK
 
     manifest = command_manifest(args.build_dir, args.variant)
-    policy = policy_from_serving(manifest["recipe"]["resolved"].get("serving", {}))
-    overrides = {"batching": args.policy, "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms}
-    try:
-        policy = Policy(**{**policy.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
-    except ValueError as exc:
-        raise UsageError(f"deploy triton: {exc}") from None
+    policy = override_policy(policy_from_serving(manifest["recipe"]["resolved"].get("serving", {})), args,
+                             "deploy triton")
     repo = write_triton_repo(args.build_dir, args.variant, args.device, policy)
     console.say(f"wrote {repo} ({policy.batching} batching): tritonserver --model-repository {repo.resolve()}")
     return EXIT_OK

@@ -36,7 +36,7 @@ import numpy as np
 # in this module's globals.
 from starlette.requests import Request as HttpRequest
 
-from .deploy import command_manifest, policy_from_serving
+from .deploy import command_manifest, override_policy, policy_from_serving
 from .engine import POLICIES, Engine, Policy, Request
 
 DEFAULT_MAX_QUEUE = 64
@@ -779,7 +779,7 @@ def cmd_serve(args) -> int:
         raise UsageError("--max-queue must be >= 0")
     _check_port(args.host, args.port)
     serving = command_manifest(args.build_dir, [args.variant])["recipe"]["resolved"].get("serving", {})
-    policy = _policy(policy_from_serving(serving), args)
+    policy = override_policy(policy_from_serving(serving), args, "serve")
     service = build_service(args.build_dir, args.variant, policy, args.device, args.threads, args.max_queue)
     if not _loopback(args.host):
         console.warn(f"listening on {args.host}: reachable from other machines, with no authentication")
@@ -788,16 +788,6 @@ def cmd_serve(args) -> int:
     run_server(service, args.host, args.port)
     console.say("stopped")
     return EXIT_OK
-
-
-def _policy(base: Policy, args) -> Policy:
-    from .cli import UsageError
-
-    overrides = {"batching": args.policy, "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms}
-    try:
-        return Policy(**{**base.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
-    except ValueError as exc:
-        raise UsageError(f"serve: {exc}") from None
 
 
 def _check_port(host: str, port: int) -> None:
