@@ -107,7 +107,7 @@ def apply(ctx: StageContext) -> dict[str, Any]:
     return {"teacher": p["teacher"], "steps": p["steps"], "tokens_seen": p["steps"] * p["batch_size"] * seq_len,
             "train_seconds": round(seconds, 3), "initial_train_loss": losses[0],
             "train_loss": sum(tail) / len(tail),
-            "teacher_eval_perplexity": score(teacher, windows)["perplexity"],
+            "teacher_eval_perplexity": after["reference_perplexity"],
             "eval_perplexity_before": before["perplexity"], "eval_perplexity_after": after["perplexity"],
             "eval_kl_to_teacher_before": before["kl"], "eval_kl_to_teacher_after": after["kl"]}
 

@@ -319,7 +319,6 @@ def apply(ctx: StageContext) -> dict[str, Any]:
     if problems:
         raise PassError("moe: " + "; ".join(f"{'.'.join(map(str, where))}: {message}" for where, message in problems))
     windows = eval_windows(ctx.data)
-    before = score(model, windows)
     active_before, total_before = active_parameters(model), count_parameters(model)
     reference = model if p["mode"] == "moefy" else copy.deepcopy(model)
     result, details = _run_mode(ctx, model, p)
@@ -328,12 +327,12 @@ def apply(ctx: StageContext) -> dict[str, Any]:
     after = score(result, windows, reference)
     active_after = active_parameters(result)
     ctx.log(f"moe {p['mode']}: active parameters per token {active_before:,} -> {active_after:,}, "
-            f"perplexity {before['perplexity']:.2f} -> {after['perplexity']:.2f}")
+            f"perplexity {after['reference_perplexity']:.2f} -> {after['perplexity']:.2f}")
     return {"mode": p["mode"], "family_before": model.config.model_type, "family_after": result.config.model_type,
             **details, "parameters_before": total_before,
             "parameters_after": count_parameters(result),
             "active_parameters_before": active_before, "active_parameters_after": active_after,
-            "eval_perplexity_before": before["perplexity"], "eval_perplexity_after": after["perplexity"],
+            "eval_perplexity_before": after["reference_perplexity"], "eval_perplexity_after": after["perplexity"],
             "eval_kl_to_input": after["kl"]}
 
 

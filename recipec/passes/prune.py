@@ -431,17 +431,16 @@ def apply(ctx: StageContext) -> dict[str, Any]:
         raise PassError(f"prune {target} supports {', '.join(FAMILIES[target])}, not {family}")
     windows = eval_windows(ctx.data)
     reference = copy.deepcopy(model)
-    before = score(reference, windows)
     parameters_before = count_parameters(model)
     details = _run_target(ctx, model)
     save_lm(model, ctx.input_dir, ctx.output_dir)
     pruned = load_lm(ctx.output_dir)  # what later stages load: proves the config round-trips
     after, parameters_after = score(pruned, windows, reference), count_parameters(pruned)
     ctx.log(f"prune {target}: {parameters_before:,} -> {parameters_after:,} parameters, "
-            f"perplexity {before['perplexity']:.2f} -> {after['perplexity']:.2f}")
+            f"perplexity {after['reference_perplexity']:.2f} -> {after['perplexity']:.2f}")
     return {"target": target, "importance": _resolved_importance(params), **details,
             "parameters_before": parameters_before, "parameters_after": parameters_after,
-            "eval_perplexity_before": before["perplexity"], "eval_perplexity_after": after["perplexity"],
+            "eval_perplexity_before": after["reference_perplexity"], "eval_perplexity_after": after["perplexity"],
             "eval_kl_to_unpruned": after["kl"]}
 
 

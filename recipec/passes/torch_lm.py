@@ -50,20 +50,24 @@ def eval_windows(data: Any) -> torch.Tensor:
 @torch.no_grad()
 def score(model: torch.nn.Module, windows: torch.Tensor, reference: torch.nn.Module | None = None) -> dict[str, float]:
     """Perplexity of next-token prediction over every predicted position of the windows, and, with a
-    reference model, the mean KL(reference || model) of the next-token distributions at every position."""
+    reference model, the mean KL(reference || model) of the next-token distributions at every position and
+    the reference's own perplexity (the same number score(reference, windows) gives, without a second pass)."""
     model.eval()
-    nll, kl, count, positions = 0.0, 0.0, 0, 0
+    nll, ref_nll, kl, count, positions = 0.0, 0.0, 0.0, 0, 0
     for chunk in windows.split(SCORE_BATCH):
+        targets = chunk[:, 1:, None]
         logp = torch.log_softmax(model(input_ids=chunk).logits.double(), dim=-1)
-        nll -= logp[:, :-1].gather(-1, chunk[:, 1:, None]).sum().item()
+        nll -= logp[:, :-1].gather(-1, targets).sum().item()
         count += chunk[:, 1:].numel()
         if reference is not None:
             ref = torch.log_softmax(reference(input_ids=chunk).logits.double(), dim=-1)
+            ref_nll -= ref[:, :-1].gather(-1, targets).sum().item()
             kl += (ref.exp() * (ref - logp)).sum().item()
             positions += chunk.numel()
     result = {"perplexity": math.exp(nll / count)}
     if reference is not None:
         result["kl"] = kl / positions
+        result["reference_perplexity"] = math.exp(ref_nll / count)
     return result
 
 
