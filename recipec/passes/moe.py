@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .base import CheckContext, Pass, PassError, StageContext
-from .torch_lm import RESHAPING_OPS, count_parameters, eval_windows, load_lm, save_lm, score, top_indices
+from .torch_lm import RESHAPING_OPS, count_parameters, eval_windows, load_lm, run_with_hooks, save_lm, score, top_indices
 
 MODES = ("moefy", "top_k", "prune_experts")
 MOEFY_FAMILIES = {"llama": "mixtral", "mistral": "mixtral"}
@@ -151,12 +151,7 @@ def mlp_inputs(model, calibration: torch.Tensor) -> list[torch.Tensor]:
     captured: list[list[torch.Tensor]] = [[] for _ in layers]
     handles = [layer.mlp.register_forward_hook(lambda m, args, out, i=i: captured[i].append(args[0].flatten(0, 1)))
                for i, layer in enumerate(layers)]
-    try:
-        for chunk in calibration.split(8):
-            model(input_ids=chunk)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_with_hooks(model, calibration, handles)
     return [torch.cat(xs)[:MAX_TOKENS].double() for xs in captured]
 
 
@@ -283,12 +278,7 @@ def expert_usage(model, calibration: torch.Tensor) -> list[torch.Tensor]:
         return record
 
     handles = [block.gate.register_forward_hook(hook(i)) for i, block in enumerate(blocks)]
-    try:
-        for chunk in calibration.split(8):
-            model(input_ids=chunk)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_with_hooks(model, calibration, handles)
     return usage
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .base import CheckContext, Pass, PassError, StageContext
-from .torch_lm import RESHAPING_OPS, count_parameters, eval_windows, load_lm, save_lm, score, top_indices
+from .torch_lm import RESHAPING_OPS, count_parameters, eval_windows, load_lm, run_with_hooks, save_lm, score, top_indices
 
 TARGETS = ("mlp", "heads", "layers", "unstructured")
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
@@ -195,12 +195,7 @@ def _collect(model, calibration: torch.Tensor, modules: list[torch.nn.Module],
     """Run the calibration windows with a forward hook on each module calling reduce(i, module, inputs, output)."""
     handles = [m.register_forward_hook(lambda mod, args, out, i=i: reduce(i, mod, args, out))
                for i, m in enumerate(modules)]
-    try:
-        for chunk in calibration.split(8):
-            model(input_ids=chunk)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_with_hooks(model, calibration, handles)
 
 
 def mlp_activation_importance(model, calibration: torch.Tensor) -> list[torch.Tensor]:
@@ -266,12 +261,7 @@ def block_influence(model, calibration: torch.Tensor) -> torch.Tensor:
     handles = [h for i, layer in enumerate(layers) for h in (
         layer.register_forward_pre_hook(pre(i), with_kwargs=True),
         layer.register_forward_hook(post(i), with_kwargs=True))]
-    try:
-        for chunk in calibration.split(8):
-            model(input_ids=chunk)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_with_hooks(model, calibration, handles)
     return totals / count[0]
 
 

@@ -79,3 +79,14 @@ def top_indices(scores: torch.Tensor, keep: int) -> torch.Tensor:
     """Indices of the `keep` highest scores, ascending (stable ranking: ties keep the lower index)."""
     order = torch.argsort(-scores, stable=True)[:keep]
     return torch.sort(order).values
+
+
+@torch.no_grad()
+def run_with_hooks(model: torch.nn.Module, calibration: torch.Tensor, handles: list) -> None:
+    """Run the calibration windows through the model (8 per forward), then remove the hooks, whatever happens."""
+    try:
+        for chunk in calibration.split(8):
+            model(input_ids=chunk)
+    finally:
+        for handle in handles:
+            handle.remove()
