@@ -99,11 +99,12 @@ def build_config(family: str, overrides: dict[str, Any]):
     return AutoConfig.for_model(family, **overrides)
 
 
-def _optimizer(model: torch.nn.Module, spec: dict[str, Any]) -> torch.optim.AdamW:
+def adamw(model: torch.nn.Module, spec: dict[str, Any], betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.AdamW:
+    """AdamW at spec's learning_rate, with spec's weight_decay on matrices only (not norms, biases)."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": spec["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=spec["learning_rate"], betas=(0.9, 0.95))
+    return torch.optim.AdamW(groups, lr=spec["learning_rate"], betas=betas)
 
 
 def lr_factor(step: int, spec: dict[str, Any]) -> float:
@@ -119,7 +120,7 @@ def _train(model, stream: torch.Tensor, spec: dict[str, Any], seed: int, progres
     batch, seq_len = spec["batch_size"], spec["seq_len"]
     if len(stream) <= seq_len:
         raise PassError(f"the train split has {len(stream)} tokens, fewer than seq_len + 1 ({seq_len + 1})")
-    opt = _optimizer(model, spec)
+    opt = adamw(model, spec)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, spec))
     # Its own generator: the data order must not depend on how many random numbers model init consumed.
     gen = torch.Generator().manual_seed(seed)

@@ -162,19 +162,17 @@ def train(student, teacher, calibration: torch.Tensor, seq_len: int, p: dict[str
 
 
 def _optimizer(model, p: dict[str, Any]) -> torch.optim.AdamW:
-    decay = [w for w in model.parameters() if w.ndim >= 2]
-    rest = [w for w in model.parameters() if w.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": p["weight_decay"]},
-                              {"params": rest, "weight_decay": 0.0}], lr=p["learning_rate"])
+    # Imported here, not at import time: pretrain imports this package.
+    from ..pretrain import adamw
+
+    return adamw(model, p, betas=(0.9, 0.999))  # torch's default betas, which distill has always trained with
 
 
 def _lr(step: int, p: dict[str, Any]) -> float:
-    # Imported here, not at import time: pretrain imports this package.
     from ..pretrain import lr_factor
 
-    if p["schedule"] == "constant":
-        return min(1.0, (step + 1) / p["warmup_steps"]) if p["warmup_steps"] else 1.0
-    return lr_factor(step, p)
+    # constant = the cosine schedule with its floor at the peak: the same warmup, then exactly 1.0
+    return lr_factor(step, {**p, "min_lr_ratio": 1.0} if p["schedule"] == "constant" else p)
 
 
 def distill_loss(student, teacher, ids: torch.Tensor, p: dict[str, Any]) -> torch.Tensor:
