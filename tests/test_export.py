@@ -116,6 +116,18 @@ def test_reexport_is_byte_identical_and_external_data_works(tiny_model_dir, expo
     a = art.read_artifact(tmp_path / "a")
     assert a["graph"]["external_data"] == ["model.onnx.data"]
     assert a["verification"]["max_abs_diff"] < 1e-4  # the verification ran on the external-data graph
+    mode = (tmp_path / "a" / "model.onnx").stat().st_mode
+    assert (tmp_path / "a" / "model.onnx.data").stat().st_mode == mode  # onnx alone makes it owner-only
+
+
+def test_graphs_saved_by_later_passes_share_model_onnx_permissions(exported, tmp_path, monkeypatch):
+    """fuse and quantize save through fusions.runtime.save_model; its external data file must be as
+    readable as model.onnx, as the export's is."""
+    from recipec.fusions import runtime
+
+    monkeypatch.setattr(runtime, "EXTERNAL_DATA_BYTES", 0)
+    path = runtime.save_model(onnx.load(str(exported("llama")[0] / "model.onnx")), tmp_path)
+    assert (tmp_path / "model.onnx.data").stat().st_mode == path.stat().st_mode
 
 
 def test_small_model_stays_in_one_file(exported):

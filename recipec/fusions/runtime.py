@@ -4,6 +4,7 @@ Shared by the fuse and quantize passes, which both check their output against th
 """
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -49,7 +50,15 @@ def save_model(proto: onnx.ModelProto, out_dir: Path) -> Path:
     external = _initializer_bytes(proto) > EXTERNAL_DATA_BYTES or not _no_external(proto)
     onnx.save_model(proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
                     location="model.onnx.data", size_threshold=1024)
+    if external:
+        share_data_file_mode(path)
     return path
+
+
+def share_data_file_mode(model_path: Path) -> None:
+    """onnx creates the external data file owner-only; give it model.onnx's permissions, so that a server
+    running as another user (Triton in a container) can read both."""
+    shutil.copymode(model_path, model_path.with_name("model.onnx.data"))
 
 
 def _initializer_bytes(proto: onnx.ModelProto) -> int:

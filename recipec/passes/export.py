@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import gc
 import inspect
-import shutil
 import tempfile
 import time
 import warnings
@@ -32,6 +31,7 @@ import onnx
 import torch
 
 from .. import artifact as art
+from ..fusions.runtime import share_data_file_mode
 from .base import Pass, PassError, StageContext
 
 # Families that the tests export, verify and generate with; others are tried and left to verification.
@@ -325,8 +325,7 @@ def _save(proto: onnx.ModelProto, out_dir: Path, threshold_mb: float) -> bool:
         onnx.save_model(proto, str(out_dir / art.MODEL_FILE), save_as_external_data=True,
                         all_tensors_to_one_file=True, location=art.DATA_FILE, size_threshold=INLINE_TENSOR_BYTES,
                         convert_attribute=False)
-        # onnx creates the data file owner-only; give it model.onnx's permissions so a server can read both.
-        shutil.copymode(out_dir / art.MODEL_FILE, out_dir / art.DATA_FILE)
+        share_data_file_mode(out_dir / art.MODEL_FILE)
     else:
         onnx.save_model(proto, str(out_dir / art.MODEL_FILE))
     return external
