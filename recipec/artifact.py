@@ -203,6 +203,11 @@ def kv_cache_layout(graph: dict[str, Any]) -> dict[str, Any] | None:
             "inputs": {"key": PAST_KEY, "value": PAST_VALUE}, "outputs": {"key": PRESENT_KEY, "value": PRESENT_VALUE}}
 
 
+def kv_names(patterns: dict[str, str], layers: int) -> list[str]:
+    """The cache tensor names of a kv_cache section's `inputs` or `outputs` patterns: layer 0 key, value, 1 ..."""
+    return [patterns[kind].format(i=i) for i in range(layers) for kind in ("key", "value")]
+
+
 def logits_mode(graph: dict[str, Any]) -> dict[str, Any]:
     optional = {v["name"]: v for v in graph["optional_inputs"]}
     if LOGITS_TO_KEEP in optional:

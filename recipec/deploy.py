@@ -286,9 +286,7 @@ def kv_states(artifact: dict[str, Any]) -> list[tuple[str, str]]:
     if not kv:
         raise Unsupported("continuous batching in Triton keeps the KV cache as implicit state, but this graph "
                              "has no past_key_values inputs")
-    pairs = [(kv["inputs"][kind].format(i=i), kv["outputs"][kind].format(i=i))
-             for i in range(kv["num_layers"]) for kind in ("key", "value")]
-    pairs.sort()
+    pairs = sorted(zip(art.kv_names(kv["inputs"], kv["num_layers"]), art.kv_names(kv["outputs"], kv["num_layers"])))
     if [o for _, o in pairs] != sorted(o for _, o in pairs):
         raise Unsupported("Triton would pair these KV states wrongly: the sorted order of the present.* output "
                              "names differs from that of the past inputs (triton-inference-server/server#8586); "

@@ -87,10 +87,6 @@ class KVCache:
         return KVCache([_host(k) for k in self.keys], [_host(v) for v in self.values], self.mask)
 
 
-def _layer_names(patterns: dict[str, str], layers: int) -> list[str]:
-    return [patterns[kind].format(i=i) for i in range(layers) for kind in ("key", "value")]
-
-
 def _first_used_column(mask: np.ndarray) -> int:
     used = mask.any(axis=0)
     return int(used.argmax()) if used.any() else mask.shape[1]
@@ -126,9 +122,9 @@ class OnnxLM:
         self.num_layers, self.kv_heads, self.head_dim = kv["num_layers"], kv["num_kv_heads"], kv["head_dim"]
         self.kv_dtype = _NUMPY_TYPES.get(kv["dtype"], np.float32)
         self.vocab_size = next(o["shape"][-1] for o in artifact["graph"]["outputs"] if o["name"] == "logits")
-        self._past = _layer_names(kv["inputs"], self.num_layers)
+        self._past = art.kv_names(kv["inputs"], self.num_layers)
         # Outputs are fetched by name in this order (logits, then key/value per layer), whatever the graph's order.
-        self._outputs = ["logits", *_layer_names(kv["outputs"], self.num_layers)]
+        self._outputs = ["logits", *art.kv_names(kv["outputs"], self.num_layers)]
         self._inputs = {i.name for i in session.get_inputs()}
         self._select_logits = art.LOGITS_TO_KEEP in {i.name for i in session.get_overridable_initializers()}
         eos = artifact["model"].get("eos_token_id")
