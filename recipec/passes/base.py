@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Literal, Protocol
 
-from ..errors import PassError
+from ..errors import PassError  # noqa: F401 - re-exported: passes import it from here
 
 if TYPE_CHECKING:  # a serving process imports this module and must not pay torch's 250 MB
     import torch
