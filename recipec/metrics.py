@@ -99,14 +99,19 @@ def _ms(values: Iterable[float | None]) -> list[float]:
     return [v * 1000.0 for v in values if v is not None]
 
 
-def latency_summary(records: Sequence[RequestRecord]) -> dict[str, dict[str, float] | None]:
+def latency_samples(records: Sequence[RequestRecord]) -> dict[str, list[float]]:
+    """Each latency of every request that produced tokens and was not cancelled, in ms."""
     done = [r for r in records if not r.cancelled and r.n_out > 0]
     return {
-        "ttft_ms": stats(_ms(ttft(r) for r in done)),
-        "tpot_ms": stats(_ms(tpot(r) for r in done)),
-        "itl_ms": stats(_ms(g for r in done for g in itls(r))),  # pooled: long outputs weigh more
-        "e2e_latency_ms": stats(_ms(e2e(r) for r in done)),
+        "ttft_ms": _ms(ttft(r) for r in done),
+        "tpot_ms": _ms(tpot(r) for r in done),
+        "itl_ms": _ms(g for r in done for g in itls(r)),  # pooled: long outputs weigh more
+        "e2e_latency_ms": _ms(e2e(r) for r in done),
     }
+
+
+def latency_summary(records: Sequence[RequestRecord]) -> dict[str, dict[str, float] | None]:
+    return {name: stats(values) for name, values in latency_samples(records).items()}
 
 
 def meets_slo(r: RequestRecord, slo: dict[str, float]) -> bool:

@@ -32,7 +32,7 @@ import numpy as np
 from .diskspace import tree_bytes
 from .engine import CacheOps, Engine, Policy, RealClock
 from .loadgen import Workload, run_closed_loop, run_open_loop
-from .metrics import ModelCost, Peaks, RequestRecord, StepRecord, summarize_run
+from .metrics import ModelCost, Peaks, RequestRecord, StepRecord, latency_samples, summarize_run
 
 _DEFAULT_BATCHING = {"policy": "continuous", "max_batch_size": 8, "max_wait_ms": 5.0, "max_tokens_per_step": 4096}
 
@@ -258,10 +258,8 @@ def summarize_raw(raw: dict[str, Any], cost: ModelCost | None, peaks: Peaks | No
     summary = summarize_run(records, steps, cost, peaks, slo)
     for k in ("mbu", "mbu_step", "mfu", "mfu_prefill", "mfu_decode"):
         summary.setdefault(k, None)
-    done = [r for r in records if not r.cancelled and r.n_out]
-    samples = {"ttft_ms": [(r.token_times[0] - r.arrival) * 1e3 for r in done],
-               "tpot_ms": [(r.token_times[-1] - r.token_times[0]) / (r.n_out - 1) * 1e3 for r in done if r.n_out > 1],
-               "e2e_latency_ms": [(r.token_times[-1] - r.arrival) * 1e3 for r in done]}
+    # the values behind the summary's ttft/tpot/e2e statistics (the report's plots draw them)
+    samples = {k: v for k, v in latency_samples(records).items() if k != "itl_ms"}
     return {**run, **summary, "slo": slo, "peak_memory_mb": raw["peak_memory_mb"],
             "peak_memory_source": raw["peak_memory_source"], "host_load_avg_1m": raw.get("host_load_avg_1m"),
             "samples": samples}
