@@ -216,9 +216,10 @@ def test_kill_during_pretraining_leaves_nothing_and_resumes(workspace):
 @pytest.mark.slow
 @pytest.mark.skipif("distill" not in PASSES, reason="the distill op is not registered in recipec/passes/__init__.py")
 def test_kill_during_distillation_keeps_the_previous_build_and_resumes(workspace):
-    passes = "  - {id: kd, op: distill, with: {steps: 200, warmup_steps: 2, batch_size: 2, seq_len: 8}}\n"
+    # 1 000 steps take ~8 s here (200 took 1.6 s on a quiet machine: a 2 s kill could land after the stage).
+    passes = "  - {id: kd, op: distill, with: {steps: 1000, warmup_steps: 2, batch_size: 2, seq_len: 8}}\n"
     # seed 0 as in the base build: the source stage is the base build's, from the cache.
-    killed, resumed = kill_and_resume(workspace, recipe_text(seed=0, passes=passes), "running kd", delay=2.0)
+    killed, resumed = kill_and_resume(workspace, recipe_text(seed=0, passes=passes), "running kd", delay=1.0)
     assert "source" in stages(killed, "cached") and "kd" in stages(resumed, "running")
 
 
