@@ -164,7 +164,7 @@ def recipec_build(recipe: Path, name: str, log_dir: Path) -> dict[str, Any]:
 
 
 def source_dir(manifest: dict[str, Any]) -> Path:
-    from recipec.cache import StageCache
+    from recipec.build.cache import StageCache
 
     key = next(s["key"] for s in manifest["stages"] if s["id"] == "source")
     entry = StageCache(warn=lambda s: None).lookup(key)
@@ -324,7 +324,7 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 # ---------------------------------------------------------------- one model
 
 def bench_model(key: str, recipe_src: Path, args, phases: Phases, log_dir: Path) -> dict[str, Any]:
-    from recipec.profiler import logit_quality
+    from recipec.profile.quality import logit_quality
 
     recipe, data, unavailable = prepare_recipe(recipe_src, args.threads)
     name = data["name"]
@@ -345,7 +345,7 @@ def bench_model(key: str, recipe_src: Path, args, phases: Phases, log_dir: Path)
 
     # eval tokens (exactly what the report's quality used) and the source's logits on them
     tokens_path = phases.path(f"{key}-eval-tokens", ".npy")
-    from recipec.data import RecipeData
+    from recipec.source.data import RecipeData
 
     tokens = RecipeData(manifest["recipe"]["resolved"]["data"], src, recipe.parent).eval().numpy()
     np.save(tokens_path, tokens)
@@ -353,7 +353,7 @@ def bench_model(key: str, recipe_src: Path, args, phases: Phases, log_dir: Path)
 
     def quality_of(logits_path: Path) -> dict[str, Any]:
         if "x" not in source_logits:
-            from recipec.profiler import source_reference
+            from recipec.profile.quality import source_reference
 
             source_logits["x"] = source_reference(src, tokens)["logits"]
         q = logit_quality(tokens, np.load(logits_path), source_logits["x"])
@@ -630,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from recipec.hardware import hardware_info, measure_bandwidth
+    from recipec.profile.hardware import hardware_info, measure_bandwidth
 
     t0 = time.perf_counter()
     started_at = dt.datetime.now().astimezone()

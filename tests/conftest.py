@@ -86,14 +86,14 @@ def run_pass(op: str, model_dir: Path, out_dir: Path, data=None, stages: dict[st
              log: Callable[[str], None] | None = None, **params) -> dict[str, Any]:
     """Run a pass as the executor would: schema defaults filled in, an empty output directory, and the
     stages it may read by id (the source model is `model_dir`)."""
+    from recipec.core.defaults import fill_defaults
     from recipec.passes import PASSES
     from recipec.passes.base import StageContext
 
     spec = PASSES[op]
-    defaults = {name: prop["default"] for name, prop in spec.params["properties"].items() if "default" in prop}
     out_dir.mkdir(parents=True, exist_ok=True)
     stages = {"source": model_dir, **(stages or {})}
-    ctx = StageContext(op, {**defaults, **params}, model_dir, out_dir, {}, data, stages.__getitem__,
+    ctx = StageContext(op, fill_defaults(spec.params, dict(params)), model_dir, out_dir, {}, data, stages.__getitem__,
                        no_progress, log or (lambda message: None))
     return spec.apply(ctx)
 

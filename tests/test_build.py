@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import kill_at
 
-from recipec.report import validate_report
+from recipec.profile.report import validate_report
 
 TINY = """\
 recipe: 1

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from recipec.cache import StageCache
+from recipec.build.cache import StageCache
 
 
 def _commit(cache: StageCache, key: str, payload: bytes = b"weights") -> None:

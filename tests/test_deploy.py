@@ -12,11 +12,13 @@ import onnx
 import onnxruntime
 import pytest
 
-from recipec import artifact as art
-from recipec import deploy, runtime
-from recipec.cli import UsageError
-from recipec.engine import Policy
-from recipec.passes import PassError
+from recipec.cli import deploy as deploy_command
+from recipec.deploy import genai, triton
+from recipec.deploy.files import write_deploy_files
+from recipec.errors import BuildDirError, PassError, UsageError
+from recipec.onnx import artifact as art
+from recipec.runtime import lm as runtime
+from recipec.runtime.engine import Policy
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2",
                                        reason="Triton's config schema comes with tritonclient[grpc] (the dev extra)")
@@ -29,13 +31,14 @@ PROMPT = [5, 17, 99, 3, 42, 8, 200]
 
 
 def fake_build(root, variants: dict, serving=SERVING):
-    """out/<name>/ as deploy reads it: manifest.json (resolved serving, variants, device) and variants/."""
+    """out/<name>/ as deploy reads it: manifest.json (resolved serving, variants, device) and variants/;
+    returns the directory and the manifest, which a build hands to deploy."""
     for name, directory in variants.items():
         shutil.copytree(directory, root / "variants" / name)
     manifest = {"recipe": {"name": "tiny", "file": "tiny.yaml", "sha256": "0", "resolved": {"serving": serving}},
                 "variants": {name: {"stage": name} for name in variants}, "device": "cpu"}
     (root / "manifest.json").write_text(json.dumps(manifest))
-    return root
+    return root, manifest
 
 
 def _parse(path) -> "model_config_pb2.ModelConfig":
@@ -62,8 +65,8 @@ def _entries(tensors):
 @pytest.mark.parametrize("policy", ["static", "dynamic", "continuous"])
 def test_configs_parse_with_tritons_schema_and_match_the_graph(family, policy, exported, tmp_path):
     variant, _ = exported(family)
-    build = fake_build(tmp_path, {"baseline": variant})
-    repo = deploy.write_triton_repo(build, policy=Policy(policy, 4, 7.5))
+    build, manifest = fake_build(tmp_path, {"baseline": variant})
+    repo = triton.write_triton_repo(build, manifest, policy=Policy(policy, 4, 7.5))
     config = _parse(repo / "baseline" / "config.pbtxt")
     inputs, outputs = _graph_io(variant)
     assert config.name == "baseline" and config.backend == "onnxruntime" and config.max_batch_size == 4
@@ -125,15 +128,15 @@ def _check_warmup(config, inputs):
 def test_kv_states_sort_alike_past_ten_layers_and_a_mismatch_is_refused():
     kv = {"num_layers": 12, "inputs": {"key": art.PAST_KEY, "value": art.PAST_VALUE},
           "outputs": {"key": art.PRESENT_KEY, "value": art.PRESENT_VALUE}}
-    pairs = deploy.kv_states({"kv_cache": kv})
+    pairs = triton.kv_states({"kv_cache": kv})
     assert len(pairs) == 24
     inputs, outputs = [i for i, _ in pairs], [o for _, o in pairs]
     assert inputs == sorted(inputs) and outputs == sorted(outputs)  # Triton pairs index i with index i
     assert inputs.index("past_key_values.10.key") < inputs.index("past_key_values.2.key")
     assert all(o == i.replace("past_key_values.", "present.") for i, o in pairs)
     swapped = {**kv, "outputs": {"key": "present.{i}.v", "value": "present.{i}.k"}}
-    with pytest.raises(deploy.Unsupported, match="8586"):
-        deploy.kv_states({"kv_cache": swapped})
+    with pytest.raises(triton.Unsupported, match="8586"):
+        triton.kv_states({"kv_cache": swapped})
 
 
 def test_the_first_sequence_request_masks_its_zero_cache_column(exported):
@@ -159,8 +162,8 @@ def test_external_weights_become_a_model_directory(exported, tmp_path):
     onnx.save_model(onnx.load(str(variant / "model.onnx")), str(external / "model.onnx"), save_as_external_data=True,
                     all_tensors_to_one_file=True, location=art.DATA_FILE, size_threshold=0)
     art.write_artifact_json(external, base=art.read_artifact(variant))
-    build = fake_build(tmp_path / "build", {"big": external})
-    repo = deploy.write_triton_repo(build)
+    build, manifest = fake_build(tmp_path / "build", {"big": external})
+    repo = triton.write_triton_repo(build, manifest)
     model_dir = repo / "big" / "1" / "model.onnx"
     assert model_dir.is_dir() and sorted(p.name for p in model_dir.iterdir()) == ["model.onnx", art.DATA_FILE]
     # Triton's onnxruntime backend opens <dir>/model.onnx; its weights must resolve beside it.
@@ -169,15 +172,15 @@ def test_external_weights_become_a_model_directory(exported, tmp_path):
 
 
 def test_a_graph_triton_cannot_batch_is_refused_alone_or_skipped_in_a_build(exported, tmp_path):
-    build = fake_build(tmp_path, {"baseline": exported("llama")[0], "fixed": exported("gpt2")[0]})
+    build, manifest = fake_build(tmp_path, {"baseline": exported("llama")[0], "fixed": exported("gpt2")[0]})
     path = build / "variants" / "fixed" / "artifact.json"
     artifact = json.loads(path.read_text())
     artifact["graph"]["inputs"][0]["shape"] = [1, "sequence_length"]
     path.write_text(json.dumps(artifact))
     with pytest.raises(PassError, match="dynamic first"):
-        deploy.write_triton_repo(build)
+        triton.write_triton_repo(build, manifest)
     warnings = []
-    repo = deploy.write_deploy_files(build, warn=warnings.append)
+    repo = write_deploy_files(build, manifest, warn=warnings.append)
     assert [p.name for p in repo.iterdir()] == ["baseline"]
     assert len(warnings) == 1 and "no Triton model for fixed" in warnings[0] and "input_ids" in warnings[0]
 
@@ -195,7 +198,7 @@ def _og_tokens(onnxruntime_genai, variant_dir, prompt, new_tokens):
     return tokens
 
 
-@pytest.mark.parametrize("family", deploy.GENAI_TYPES)
+@pytest.mark.parametrize("family", genai.GENAI_TYPES)
 def test_genai_generates_the_runtimes_tokens(family, exported, tmp_path):
     """og.Generator feeds only the standard inputs, so the graph's optional logits_to_keep initializer keeps
     its default (all positions) and genai reads the last: this checks genai tolerates it."""
@@ -206,8 +209,8 @@ def test_genai_generates_the_runtimes_tokens(family, exported, tmp_path):
     if artifact["model"]["eos_token_id"] is None:  # the tiny qwen2 config has none; real checkpoints do
         artifact["model"]["eos_token_id"] = 2
         (variant / "artifact.json").write_text(json.dumps(artifact))
-    assert deploy.write_genai_config(variant) == variant / deploy.GENAI_CONFIG
-    config = json.loads((variant / deploy.GENAI_CONFIG).read_text())
+    assert genai.write_genai_config(variant) == variant / genai.GENAI_CONFIG
+    config = json.loads((variant / genai.GENAI_CONFIG).read_text())
     assert config["search"]["past_present_share_buffer"] is False and config["model"]["type"] == family
     expected = runtime.load(variant, "cpu").generate([PROMPT], 10).tokens[0]
     assert _og_tokens(og, variant, PROMPT, 10) == expected
@@ -216,17 +219,18 @@ def test_genai_generates_the_runtimes_tokens(family, exported, tmp_path):
 def test_genai_config_is_withheld_where_genai_cannot_run_it(exported, tmp_path):
     gpt2 = tmp_path / "gpt2"
     shutil.copytree(exported("gpt2")[0], gpt2)
-    (gpt2 / deploy.GENAI_CONFIG).write_text("{}")  # a stale one from an earlier build goes
-    assert deploy.write_genai_config(gpt2) is None and not (gpt2 / deploy.GENAI_CONFIG).exists()
-    assert "gpt2" in deploy.genai_unsupported(art.read_artifact(gpt2))
-    assert "eos_token_id" in deploy.genai_unsupported(art.read_artifact(exported("qwen2")[0]))
+    (gpt2 / genai.GENAI_CONFIG).write_text("{}")  # a stale one from an earlier build goes
+    assert genai.write_genai_config(gpt2) is None and not (gpt2 / genai.GENAI_CONFIG).exists()
+    assert "gpt2" in genai.genai_unsupported(art.read_artifact(gpt2))
+    assert "eos_token_id" in genai.genai_unsupported(art.read_artifact(exported("qwen2")[0]))
 
 
 def test_write_deploy_files_writes_genai_configs_and_the_repository(exported, tmp_path):
-    build = fake_build(tmp_path, {"baseline": exported("llama")[0], "other": exported("gpt2")[0]})
-    repo = deploy.write_deploy_files(build, device="cuda")
-    assert (build / "variants" / "baseline" / deploy.GENAI_CONFIG).is_file()
-    assert not (build / "variants" / "other" / deploy.GENAI_CONFIG).exists()
+    build, manifest = fake_build(tmp_path, {"baseline": exported("llama")[0], "other": exported("gpt2")[0]})
+    (build / "manifest.json").unlink()  # a build hands over the manifest it wrote; deploy never reads it back
+    repo = write_deploy_files(build, manifest, device="cuda")
+    assert (build / "variants" / "baseline" / genai.GENAI_CONFIG).is_file()
+    assert not (build / "variants" / "other" / genai.GENAI_CONFIG).exists()
     assert sorted(p.name for p in repo.iterdir()) == ["baseline", "other"]
     kind = _parse(repo / "other" / "config.pbtxt").instance_group[0].kind
     assert kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
@@ -235,23 +239,23 @@ def test_write_deploy_files_writes_genai_configs_and_the_repository(exported, tm
 
 def _command(argv):
     parser = argparse.ArgumentParser()
-    deploy.add_deploy_commands(parser.add_subparsers())
+    deploy_command.register(parser.add_subparsers())
     args = parser.parse_args(argv)
     return args.handler(args)
 
 
 def test_deploy_triton_command(exported, tmp_path):
-    build = fake_build(tmp_path, {"baseline": exported("llama")[0], "other": exported("gpt2")[0]})
+    build, _ = fake_build(tmp_path, {"baseline": exported("llama")[0], "other": exported("gpt2")[0]})
     assert _command(["deploy", "triton", str(build), "--variant", "other", "--policy", "continuous",
                      "--max-batch-size", "3"]) == 0
     assert [p.name for p in (build / "triton").iterdir()] == ["other"]
     config = _parse(build / "triton" / "other" / "config.pbtxt")
     assert config.max_batch_size == 3 and config.WhichOneof("scheduling_choice") == "sequence_batching"
     assert _command(["deploy", "genai", str(build)]) == 0
-    assert (build / "variants" / "baseline" / deploy.GENAI_CONFIG).is_file()
-    with pytest.raises(UsageError, match="no variant 'nope'"):
+    assert (build / "variants" / "baseline" / genai.GENAI_CONFIG).is_file()
+    with pytest.raises(BuildDirError, match="no variant 'nope'"):
         _command(["deploy", "triton", str(build), "--variant", "nope"])
-    with pytest.raises(UsageError, match="not a recipec build directory"):
+    with pytest.raises(BuildDirError, match="not a recipec build directory"):
         _command(["deploy", "triton", str(tmp_path / "missing")])
     with pytest.raises(UsageError, match="max_batch_size"):
         _command(["deploy", "triton", str(build), "--max-batch-size", "0"])

@@ -9,8 +9,10 @@ import textwrap
 import pytest
 from conftest import RECIPE_HEAD
 
-from recipec.diff import add_diff_commands, diff_recipes, format_diff
-from recipec.recipe import RecipeInvalid
+from recipec.cli.diff import register as add_diff_commands
+from recipec.plan.diff import diff_recipes
+from recipec.plan.diff_text import format_diff
+from recipec.errors import RecipeInvalid
 
 MODEL = RECIPE_HEAD
 PASSES = """\

@@ -13,12 +13,13 @@ import pytest
 import torch
 from conftest import make_tiny_model, no_progress, run_pass
 
-from recipec import corpus
+from recipec.source import corpus
 from recipec.passes import PASSES, PassError
 from recipec.passes.base import CheckContext
-from recipec.passes.distill import check, sample_batch
-from recipec.pretrain import pretrain
-from recipec.recipe import RecipeInvalid, load_recipe
+from recipec.passes.torch.distill import check, sample_batch
+from recipec.source.pretrain import pretrain
+from recipec.errors import RecipeInvalid
+from recipec.plan.planner import load_plan
 
 DISTILL = PASSES["distill"]
 CORPUS = {"text": "src/*.py"}
@@ -158,23 +159,26 @@ def _load(tmp_path: Path, distill_entry: str):
     ("  - {id: d, op: distill, after: a, with: {teacher: d}}", r"passes\[2\]\.with\.teacher: 'd' cannot be its own"),
     ("  - {id: d, op: distill, after: a, with: {steps: 5, warmup_steps: 5}}",
      r"passes\[2\]\.with\.warmup_steps: warmup_steps \(5\) must be fewer than steps \(5\)"),
+    ("  - {id: d, op: distill, after: a, with: {seq_len: 4096}}",
+     r"passes\[2\]\.with\.seq_len: seq_len 4096 is longer than the calibration windows \(\d+ tokens\)"),
 ])
 def test_validation_rejects(entry, pattern, tmp_path):
     path = _load(tmp_path, entry)
     with pytest.raises(RecipeInvalid) as caught:
-        load_recipe(path)
+        load_plan(path, with_keys=False)
     found = [p.format(str(path)) for p in caught.value.problems]
     assert any(re.search(pattern, p) for p in found), found
 
 
 def test_validation_accepts_a_teacher_listed_in_after(tmp_path):
-    recipe = load_recipe(_load(tmp_path, "  - {id: d, op: distill, after: [a, b], with: {teacher: b}}"))
+    recipe = load_plan(_load(tmp_path, "  - {id: d, op: distill, after: [a, b], with: {teacher: b}}"), with_keys=False).recipe
     assert recipe.resolved["passes"][2]["with"]["teacher"] == "b"
 
 
 def test_check_rejects_an_onnx_teacher():
     """The planner already refuses a PyTorch stage below an ONNX one; the check says why for the teacher."""
     params = {**{k: v["default"] for k, v in DISTILL.params["properties"].items()}, "teacher": "baseline"}
-    problems = check(params, CheckContext("d", None, {"source": "source", "baseline": "export"}))
+    problems = check(params, CheckContext("d", None, {"source": "source", "baseline": "export"},
+                                               {"source": "torch", "baseline": "onnx"}, {"calibration": {"seq_len": 128}}))
     assert problems == [(("teacher",), ("teacher 'baseline' is an ONNX stage (export); the teacher must be a "
                                         "PyTorch model: source or a stage before the export"))]

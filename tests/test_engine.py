@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from recipec.engine import Engine, FakeClock, Policy, RealClock
-from recipec.loadgen import Item, Workload, drive, gamma_offsets, make_items, run_closed_loop, run_open_loop
+from recipec.runtime.engine import Engine, FakeClock, Policy, RealClock
+from recipec.profile.loadgen import Item, Workload, drive, gamma_offsets, make_items, run_closed_loop, run_open_loop
 
 VOCAB = 50
 

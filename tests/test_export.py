@@ -12,9 +12,10 @@ import onnxruntime
 import pytest
 from onnx import numpy_helper
 
-from recipec import artifact as art
+from recipec.onnx import artifact as art
 from recipec.passes import PASSES, PassError
-from recipec.passes.export import PARAMS, TESTED_FAMILIES, verify_variant
+from recipec.passes.onnx.export import PARAMS, TESTED_FAMILIES
+from recipec.passes.onnx.verify import verify_variant
 
 
 def _session(variant_dir):
@@ -121,12 +122,12 @@ def test_reexport_is_byte_identical_and_external_data_works(tiny_model_dir, expo
 
 
 def test_graphs_saved_by_later_passes_share_model_onnx_permissions(exported, tmp_path, monkeypatch):
-    """fuse and quantize save through fusions.runtime.save_model; its external data file must be as
+    """fuse and quantize save through onnx.sessions.save_model; its external data file must be as
     readable as model.onnx, as the export's is."""
-    from recipec.fusions import runtime
+    from recipec.onnx import sessions
 
-    monkeypatch.setattr(runtime, "EXTERNAL_DATA_BYTES", 0)
-    path = runtime.save_model(onnx.load(str(exported("llama")[0] / "model.onnx")), tmp_path)
+    monkeypatch.setattr(sessions, "EXTERNAL_DATA_BYTES", 0)
+    path = sessions.save_model(onnx.load(str(exported("llama")[0] / "model.onnx")), tmp_path)
     assert (tmp_path / "model.onnx.data").stat().st_mode == path.stat().st_mode
 
 

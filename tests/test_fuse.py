@@ -10,9 +10,9 @@ import onnx
 import pytest
 from conftest import run_pass
 
-from recipec import artifact
+from recipec.onnx import artifact
 from recipec.passes.base import PassError
-from recipec.passes.export import verify_variant
+from recipec.passes.onnx.verify import verify_variant
 
 LEVELS = ("basic", "extended", "all")
 # What "reaching the builder's level" means per family: attention with its KV cache in one op, rotary

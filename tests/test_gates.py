@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from recipec.gates import evaluate_gates, validate_gate_metric
+from recipec.profile.gates import evaluate_gates, validate_gate_metric
 
 
 def run(concurrency, tpot_p50, out_tok_s, batching="continuous"):

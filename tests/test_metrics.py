@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from recipec.metrics import (ModelCost, Peaks, RequestRecord, StepRecord, decode_flops, efficiency,
-                             latency_summary, prefill_flops, stats, summarize_run, throughput_summary)
+from recipec.runtime.records import RequestRecord, StepRecord
+from recipec.profile.metrics import ModelCost, Peaks, decode_flops, efficiency, latency_summary, prefill_flops, stats, summarize_run, throughput_summary
 
 # A: 4 tokens; B: a one-token output; C: 2 tokens. Times in seconds.
 A = RequestRecord(arrival=0.0, token_times=[0.1, 0.15, 0.25, 0.30], n_in=10)

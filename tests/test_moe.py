@@ -15,9 +15,12 @@ import pytest
 import torch
 from conftest import RandomWindows, read_config, run_pass
 
-from recipec.passes import PASSES, PassError, moe
-from recipec.passes.torch_lm import load_lm
-from recipec.recipe import RecipeInvalid, load_recipe
+from recipec import cli
+from recipec.passes import PASSES, PassError
+from recipec.passes.torch.moe import experts, moefy
+from recipec.passes.torch.lm import load_lm
+from recipec.errors import RecipeInvalid
+from recipec.plan.planner import load_plan
 
 MOE = PASSES["moe"]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -66,9 +69,9 @@ def _assert_only_chosen_experts_are_multiplied(variant: Path, top_k: int) -> Non
     router's TopK, and at run time that Gather hands the MatMul tokens x top_k matrices."""
     proto = onnx.load(str(variant / "model.onnx"))
     producer = {out: node for node in proto.graph.node for out in node.output}
-    experts = [t for t in proto.graph.initializer if len(t.dims) == 3]
+    expert_weights = [t for t in proto.graph.initializer if len(t.dims) == 3]
     gathers = []
-    for tensor in experts:
+    for tensor in expert_weights:
         users = [n for n in proto.graph.node if tensor.name in n.input]
         assert [u.op_type for u in users] == ["Gather"], (tensor.name, [u.op_type for u in users])
         assert "TopK" in _ancestors(producer, users[0].input[1]), tensor.name
@@ -109,7 +112,7 @@ def test_balanced_kmeans_recovers_planted_groups():
     members = torch.arange(32) % 4
     features = directions[members] + 0.05 * torch.randn(32, 8, generator=generator)
     features = features / features.norm(dim=1, keepdim=True)
-    labels = moe.balanced_kmeans(features.double(), 4, seed=0)
+    labels = moefy.balanced_kmeans(features.double(), 4, seed=0)
     assert torch.bincount(labels).tolist() == [8, 8, 8, 8]
     for cluster in range(4):  # each found cluster is one planted group
         assert len(set(members[labels == cluster].tolist())) == 1
@@ -119,11 +122,11 @@ def test_router_fit_ranks_experts_like_a_linear_truth():
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(500, 16, generator=generator, dtype=torch.float64)
     truth = torch.randn(4, 16, generator=generator, dtype=torch.float64)
-    router = moe.fit_router(x, x @ truth.T)
+    router = moefy.fit_router(x, x @ truth.T)
     logits = x @ router.T
     assert torch.equal(logits.argmax(1), (x @ truth.T).argmax(1))
     spread = (logits.max(1).values - logits.min(1).values).max()
-    assert spread == pytest.approx(moe.ROUTER_SPREAD)
+    assert spread == pytest.approx(moefy.ROUTER_SPREAD)
 
 
 def test_top_k_changes_active_parameters_of_mixtral(tiny_model_dir, export_op, tmp_path):
@@ -147,8 +150,8 @@ def test_prune_experts_keeps_the_most_used(tiny_model_dir, export_op, tmp_path, 
         assert torch.equal(new.gate.weight, old.gate.weight[kept])
     assert export_op(tmp_path / "kept", tmp_path / "onnx")["verification"]["max_abs_diff"] < 1e-4
     # Keeping the least used instead must hurt more: the usage ranking is what protects quality.
-    real = moe.expert_usage
-    monkeypatch.setattr(moe, "expert_usage", lambda model, windows: [-u for u in real(model, windows)])
+    real = experts.expert_usage
+    monkeypatch.setattr(experts, "expert_usage", lambda model, windows: [-u for u in real(model, windows)])
     inverted = run_moe(source, tmp_path / "inverted", mode="prune_experts", keep=3)
     assert inverted["eval_kl_to_input"] > metrics["eval_kl_to_input"]
 
@@ -202,10 +205,20 @@ def test_validation_rejects(case, tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(textwrap.dedent(RECIPE.format(family=family, config=config, with_=with_)))
     with pytest.raises(RecipeInvalid) as caught:
-        load_recipe(path)
+        load_plan(path, with_keys=False)
     found = [p.format(str(path)) for p in caught.value.problems]
     assert any(re.search(pattern, p) for p in found), found
     assert all(":10:" in p for p in found), found
+
+
+def test_validate_rejects_moefy_of_a_model_with_biases(tmp_path, capsys):
+    """Mixtral's layers have no biases: `recipec validate` says so, not the build after calibration."""
+    path = tmp_path / "r.yaml"
+    path.write_text(RECIPE.format(family="llama", config=DENSE[:-1] + ", attention_bias: true}",
+                                  with_="{mode: moefy, experts: 4}"))
+    assert cli.main(["validate", str(path)]) == 2
+    assert (f"{path}:10:18: passes[0].with.mode: moefy: the model's attention or MLP has biases, which Mixtral's "
+            "layers do not") in capsys.readouterr().err
 
 
 def test_validation_accepts_moefy_then_top_k(tmp_path):
@@ -213,4 +226,4 @@ def test_validation_accepts_moefy_then_top_k(tmp_path):
     path = tmp_path / "ok.yaml"
     path.write_text(RECIPE.format(family="llama", config=DENSE, with_="{mode: moefy, experts: 4, top_k: 2}")
                     + "  - {id: k, op: moe, with: {mode: top_k, top_k: 1}}\n")
-    assert [p["id"] for p in load_recipe(path).resolved["passes"]] == ["m", "k"]
+    assert [p["id"] for p in load_plan(path, with_keys=False).recipe.resolved["passes"]] == ["m", "k"]

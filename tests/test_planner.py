@@ -7,8 +7,8 @@ import pytest
 from conftest import RECIPE_HEAD
 
 from recipec.passes import PASSES
-from recipec.planner import build_plan
-from recipec.recipe import load_recipe
+from recipec.plan.planner import build_plan
+from recipec.recipe.loader import load_recipe
 
 needs_onnx_ops = pytest.mark.skipif(not {"fuse", "quantize"} <= set(PASSES), reason="fuse/quantize not registered")
 
@@ -99,26 +99,43 @@ def test_plan_formats(tmp_path):
     assert plan.to_dot().startswith('digraph "tiny"') and '"source" -> "baseline"' in plan.to_dot()
 
 
+def _code_digests(tmp_path, monkeypatch):
+    """A copy of the package to edit, and a function giving each op's code digest over that copy."""
+    import shutil
+
+    from recipec.plan import code_digest
+
+    copy = tmp_path / "recipec"
+    shutil.copytree(code_digest.PACKAGE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(code_digest, "PACKAGE_DIR", copy)
+    modules = {op: p.apply.__module__ for op, p in PASSES.items()} | {"source": code_digest.MODELS_MODULE}
+
+    def digests():
+        code_digest.code_digest.cache_clear()
+        return {op: code_digest.code_digest(module) for op, module in modules.items()}
+
+    yield copy, digests
+    code_digest.code_digest.cache_clear()
+
+
+def _edited(digests, path) -> set[str]:
+    before = digests()
+    with open(path, "a") as f:
+        f.write("\n# an edit\n")
+    after = digests()
+    return {op for op in before if after[op] != before[op]}
+
+
 def test_editing_the_code_a_pass_runs_changes_its_key_and_only_its_key(tmp_path, monkeypatch):
     """A stage's key covers the recipec modules its op imports (transitively), so an edited pass is rebuilt,
     not served stale from the cache, while ops that never import the edited file keep their keys."""
-    import shutil
+    for copy, digests in _code_digests(tmp_path, monkeypatch):
+        assert _edited(digests, copy / "onnx" / "fusions" / "attention.py") == {"fuse"}
 
-    from recipec import keys
 
-    copy = tmp_path / "recipec"
-    shutil.copytree(keys.PACKAGE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.setattr(keys, "PACKAGE_DIR", copy)
-    modules = {op: PASSES[op].apply.__module__ for op in ("export", "fuse", "quantize")}
-
-    def digests():
-        keys.code_digest.cache_clear()
-        return {op: keys.code_digest(module) for op, module in modules.items()}
-
-    before = digests()
-    with open(copy / "fusions" / "attention.py", "a") as f:
-        f.write("\n# an edit\n")
-    after = digests()
-    keys.code_digest.cache_clear()
-    assert after["fuse"] != before["fuse"]
-    assert after["export"] == before["export"] and after["quantize"] == before["quantize"]
+def test_torch_pass_keys_do_not_cover_the_corpus_or_pretraining(tmp_path, monkeypatch):
+    """Editing the corpus reader or pretraining rebuilds the source model (which they make), not the torch
+    passes, which only read the model and the data windows."""
+    for copy, digests in _code_digests(tmp_path, monkeypatch):
+        assert _edited(digests, copy / "source" / "pretrain.py") == {"source"}
+        assert _edited(digests, copy / "source" / "corpus.py") == {"source"}

@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 import torch
 
-from recipec import corpus, pretrain
+from recipec.source import corpus, pretrain
 from recipec.passes.base import PassError
 
 TINY_LLAMA = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128, "num_attention_heads": 2,
@@ -165,13 +165,14 @@ def test_tiny_pretrain_is_byte_identical_and_learns(text_root, tmp_path, one_thr
 
 
 def test_config_overrides_are_checked():
-    with pytest.raises(PassError, match="did you mean hidden_size"):
-        pretrain.build_config("llama", {"hidden_szie": 64})
-    with pytest.raises(PassError, match="set by the trained tokenizer"):
-        pretrain.build_config("llama", {"vocab_size": 100})
+    spec = pretrain.resolve_spec({})
+    with pytest.raises(PassError, match="did you mean 'hidden_size'"):
+        pretrain.pretrain_problems("llama", {"hidden_szie": 64}, spec)
+    assert pretrain.pretrain_problems("llama", {"vocab_size": 100}, spec) == [
+        (("config", "vocab_size"), "vocab_size is set by the trained tokenizer; use pretrain.vocab_size")]
     with pytest.raises(PassError, match="unknown model family"):
-        pretrain.build_config("no_such_family", {})
-    assert pretrain.build_config("llama", {"hidden_size": 64}).hidden_size == 64
+        pretrain.pretrain_problems("no_such_family", {}, spec)
+    assert pretrain.pretrain_problems("llama", {"hidden_size": 64}, spec) == []
     with pytest.raises(PassError, match="exceeds the model's max_position_embeddings 32"):
         pretrain.pretrain("llama", {"max_position_embeddings": 32}, 0, {"seq_len": 64}, Path("."), Path("unused"),
                           _progress, print)
@@ -181,19 +182,19 @@ def test_schema_is_valid_and_its_defaults_validate():
     jsonschema.Draft202012Validator.check_schema(pretrain.PRETRAIN_SCHEMA)
     for name, prop in pretrain.PRETRAIN_SCHEMA["properties"].items():
         assert "default" in prop and prop["description"], name
-    defaults = pretrain.fill_defaults({})
+    defaults = pretrain.resolve_spec({})
     jsonschema.validate(defaults, pretrain.PRETRAIN_SCHEMA)
     jsonschema.validate(TINY_SPEC, pretrain.PRETRAIN_SCHEMA)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"corpus": "stdlb"}, pretrain.PRETRAIN_SCHEMA)
-    with pytest.raises(PassError, match="unknown pretrain keys"):
-        pretrain.fill_defaults({"stepz": 3})
-    with pytest.raises(PassError, match="warmup_steps"):
-        pretrain.fill_defaults({"steps": 10, "warmup_steps": 10})
+    with pytest.raises(PassError, match="'stepz' was unexpected"):
+        pretrain.resolve_spec({"stepz": 3})
+    assert pretrain.pretrain_problems("llama", {}, pretrain.resolve_spec({"steps": 10, "warmup_steps": 10})) == [
+        (("pretrain", "warmup_steps"), "warmup_steps (10) must be fewer than steps (10)")]
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor():
-    spec = pretrain.fill_defaults({"steps": 100, "warmup_steps": 10, "min_lr_ratio": 0.1})
+    spec = pretrain.resolve_spec({"steps": 100, "warmup_steps": 10, "min_lr_ratio": 0.1})
     factors = [pretrain.lr_factor(s, spec) for s in range(100)]
     assert factors[:10] == sorted(factors[:10]) and factors[9] == 1.0
     assert factors[10:] == sorted(factors[10:], reverse=True)

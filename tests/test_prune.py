@@ -14,7 +14,8 @@ from conftest import RandomWindows, make_tiny_model, read_config, run_pass
 from onnx import numpy_helper
 
 from recipec.passes import PASSES, PassError
-from recipec.recipe import RecipeInvalid, load_recipe
+from recipec.errors import RecipeInvalid
+from recipec.plan.planner import load_plan
 
 PRUNE = PASSES["prune"]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -190,7 +191,7 @@ def _problems(tmp_path: Path, with_: str, family: str = "llama", config: str = L
     path = tmp_path / "r.yaml"
     path.write_text(textwrap.dedent(HEAD.format(family=family, config=config, with_=with_)))
     with pytest.raises(RecipeInvalid) as caught:
-        load_recipe(path)
+        load_plan(path, with_keys=False)
     return [p.format(str(path)) for p in caught.value.problems]
 
 
@@ -232,4 +233,4 @@ def test_validation_rejects_heads_on_gpt2_and_gqa_on_mha(tmp_path):
 def test_validation_accepts_sizes_that_fit(with_, tmp_path):
     path = tmp_path / "ok.yaml"
     path.write_text(HEAD.format(family="llama", config=LLAMA, with_=with_))
-    assert load_recipe(path).resolved["passes"][0]["with"]["target"] in with_
+    assert load_plan(path, with_keys=False).recipe.resolved["passes"][0]["with"]["target"] in with_

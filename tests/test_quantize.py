@@ -11,11 +11,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import run_pass
+from conftest import RECIPE_HEAD, run_pass
 from onnx import numpy_helper
 
-from recipec import artifact
-from recipec.passes import quantize
+from recipec import cli
+from recipec.onnx import artifact
+from recipec.passes.onnx import quantize
 from recipec.passes.base import PassError
 
 VOCAB = 256
@@ -195,6 +196,22 @@ def test_exclude_pattern_matching_nothing_fails(trained, tmp_path):
 def test_option_of_another_scheme_fails(trained, tmp_path):
     with pytest.raises(PassError, match="block_size applies to int4, not int8-dynamic"):
         run_quantize(trained, tmp_path, scheme="int8-dynamic", block_size=64)
+
+
+@pytest.mark.parametrize("with_, field, message", [
+    ("{scheme: int4, per_channel: true}", "per_channel", "per_channel applies to int8-dynamic, int8-static, not int4"),
+    ("{scheme: int8-dynamic, block_size: 64}", "block_size", "block_size applies to int4, not int8-dynamic"),
+    ("{scheme: int8-dynamic, method: entropy}", "method", "method applies to int8-static, not int8-dynamic"),
+    ("{scheme: fp16, symmetric: false}", "symmetric", "symmetric applies to int4, not fp16"),
+    ("{scheme: int8-static, keep_fp32_ops: [Softmax]}", "keep_fp32_ops", "keep_fp32_ops applies to fp16, not int8-static"),
+])
+def test_validate_rejects_an_option_of_another_scheme(with_, field, message, tmp_path, capsys):
+    """The rule the stage enforces is `recipec validate`'s too: the recipe fails before any build."""
+    path = tmp_path / "r.yaml"
+    path.write_text(RECIPE_HEAD + f"passes:\n  - id: q\n    op: quantize\n    with: {with_}\n")
+    assert cli.main(["validate", str(path)]) == 2
+    column = 11 + with_.index(f"{field}: ") + len(f"{field}: ")  # the value's column on the `with` line
+    assert f"{path}:10:{column}: passes[0].with.{field}: {message}" in capsys.readouterr().err
 
 
 def test_fidelity_bound_fails_the_stage(trained, tmp_path):

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import RECIPE_HEAD
 
-from recipec.recipe import RecipeInvalid, load_recipe
-from recipec.schema import SCHEMAS_DIR, build_recipe_schema, schema_json
+from recipec.errors import RecipeInvalid
+from recipec.plan.planner import load_plan
+from recipec.recipe.schema import SCHEMAS_DIR, build_recipe_schema, schema_json
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,12 +27,12 @@ def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
 
 def problems(path: Path) -> list[str]:
     with pytest.raises(RecipeInvalid) as caught:
-        load_recipe(path)
+        load_plan(path, with_keys=False)
     return [p.format(str(path)) for p in caught.value.problems]
 
 
 def test_minimal_recipe_gets_defaults(tmp_path):
-    recipe = load_recipe(write(tmp_path, RECIPE_HEAD))
+    recipe = load_plan(write(tmp_path, RECIPE_HEAD), with_keys=False).recipe
     resolved = recipe.resolved
     assert resolved["model"]["seed"] == 0 and resolved["model"]["dtype"] == "float32"
     assert resolved["data"]["calibration"] == {"source": "synthetic", "samples": 32, "seq_len": 128, "seed": 0, "field": "text"}
@@ -40,7 +41,7 @@ def test_minimal_recipe_gets_defaults(tmp_path):
 
 
 def test_pass_parameters_get_their_op_defaults(tmp_path):
-    recipe = load_recipe(write(tmp_path, RECIPE_HEAD + "passes:\n  - {id: ex, op: export}\n"))
+    recipe = load_plan(write(tmp_path, RECIPE_HEAD + "passes:\n  - {id: ex, op: export}\n"), with_keys=False).recipe
     params = recipe.resolved["passes"][0]["with"]
     assert params and all(v is not None for v in params.values())
 
@@ -49,12 +50,18 @@ def test_every_recipe_in_the_repository_is_valid():
     recipes = sorted((ROOT / "recipes").glob("*.yaml"))
     assert recipes, "recipes/ holds no example"
     for path in recipes:
-        load_recipe(path)
+        load_plan(path, with_keys=False)
 
 
 def test_committed_schema_is_current():
     committed = (SCHEMAS_DIR / "recipe.schema.json").read_text()
-    assert committed == schema_json(build_recipe_schema()), "run: recipec schema recipe > schemas/recipe.schema.json"
+    assert committed == schema_json(build_recipe_schema()), "run: recipec schema recipe > recipec/schemas/recipe.schema.json"
+
+
+@pytest.mark.parametrize("name", ["recipe.schema.json", "report.schema.json"])
+def test_published_schemas_equal_the_package_data(name):
+    """schemas/ at the top is the copy editors and CI use without installing recipec; the package reads its own."""
+    assert (ROOT / "schemas" / name).read_bytes() == (SCHEMAS_DIR / name).read_bytes(), f"cp recipec/schemas/{name} schemas/"
 
 
 # Each case: recipe text, expected (line, col) of the first problem, and a regex its message matches.
@@ -82,6 +89,16 @@ REJECTED = {
     "missing path directory": ("recipe: 1\nname: p\nmodel: {source: path, path: ./no-such-model}\n", r"model\.path: directory .* does not exist"),
     "unknown family": (RECIPE_HEAD.replace("family: llama", "family: lama"), r"unknown model family 'lama'"),
     "typo in model config": (RECIPE_HEAD.replace("hidden_size: 32", "hiden_size: 32"), r"model\.config\.hiden_size: llama configs have no key 'hiden_size'"),
+    "pretrained vocabulary set in the config": (
+        RECIPE_HEAD.replace("  config:", "  pretrain: {steps: 4, warmup_steps: 1}\n  config:"),
+        r"model\.config\.vocab_size: vocab_size is set by the trained tokenizer"),
+    "pretrain warmup as long as training": (
+        RECIPE_HEAD.replace(", vocab_size: 64}", "}").replace("  config:", "  pretrain: {steps: 4, warmup_steps: 4}\n  config:"),
+        r"model\.pretrain\.warmup_steps: warmup_steps \(4\) must be fewer than steps \(4\)"),
+    "pretrain windows past the model's positions": (
+        RECIPE_HEAD.replace(", vocab_size: 64}", ", max_position_embeddings: 8}").replace(
+            "  config:", "  pretrain: {steps: 4, warmup_steps: 1, seq_len: 16}\n  config:"),
+        r"model\.pretrain\.seq_len: seq_len 16 exceeds the model's max_position_embeddings 8"),
     "reserved id": (RECIPE_HEAD + "passes:\n  - {id: baseline, op: export}\n", r"'baseline' is reserved"),
     "missing required key": ("recipe: 1\nname: x\n", r"missing required key 'model'"),
     "wrong format version": (RECIPE_HEAD.replace("recipe: 1", "recipe: 2"), r"recipe: must be 1"),

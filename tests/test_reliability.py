@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from recipec import cli
-from recipec.cache import StageCache, file_digest
+from recipec.build.cache import StageCache, file_digest
 from recipec.passes import PASSES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -320,9 +320,10 @@ def test_a_build_that_would_not_fit_on_disk_is_refused_before_writing(tmp_path, 
     The proposed fix reads shutil.disk_usage of the cache and of --out; this test fakes it."""
     from collections import namedtuple
 
-    from recipec import executor
+    from recipec import workflow
+    from recipec.build import stages
     from recipec.errors import PassError
-    from recipec.recipe import load_recipe
+    from recipec.plan.planner import load_plan
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2 ** 40, 2 ** 40 - 2 ** 20, 2 ** 20))
@@ -330,12 +331,12 @@ def test_a_build_that_would_not_fit_on_disk_is_refused_before_writing(tmp_path, 
     def no_write(*args, **kwargs):
         raise AssertionError("a stage started writing without a free-space check")
 
-    monkeypatch.setattr(executor, "_apply", no_write)
+    monkeypatch.setattr(stages, "_apply", no_write)
     recipe = tmp_path / "rel.yaml"
     recipe.write_text(recipe_text())
     with pytest.raises(PassError, match=r"(?i)disk|space"):
-        executor.build(load_recipe(recipe), executor.BuildOptions(out_root=tmp_path / "out", cache_root=tmp_path / "cache",
-                                                                  profile=False))
+        workflow.build(load_plan(recipe), workflow.BuildOptions(out_root=tmp_path / "out", cache_root=tmp_path / "cache",
+                                                                profile=False))
     assert not (tmp_path / "out" / "rel").exists()
 
 
@@ -562,7 +563,8 @@ NAME_OR_ID = st.one_of(st.text(max_size=70), st.sampled_from(["..", ".", "a/..",
 def test_names_and_ids_that_validate_are_single_path_components(tmp_path_factory, name, stage_id):
     """Whatever a recipe's name or a pass id is, if the recipe validates then out/<name>/ and
     variants/<id>/ are directories right below their parent: no separator, no '.', '..' or hidden name."""
-    from recipec.recipe import RecipeInvalid, load_recipe
+    from recipec.errors import RecipeInvalid
+    from recipec.plan.planner import load_plan
 
     where = tmp_path_factory.getbasetemp() / "names"
     where.mkdir(exist_ok=True)
@@ -570,7 +572,7 @@ def test_names_and_ids_that_validate_are_single_path_components(tmp_path_factory
     recipe.write_text(f"recipe: 1\nname: {json.dumps(name)}\n" + MODEL.format(seed=0) +
                       f"passes:\n  - {{id: {json.dumps(stage_id)}, op: export}}\n")
     try:
-        load_recipe(recipe)
+        load_plan(recipe, with_keys=False)
     except RecipeInvalid:
         return
     out = Path("/srv/out")

@@ -9,11 +9,14 @@ import jsonschema
 import numpy as np
 import pytest
 
-from recipec.engine import CacheOps, FakeClock
-from recipec.hardware import hardware_info
-from recipec.metrics import ModelCost, Peaks
-from recipec.profiler import logit_quality, greedy_agreement, measure_runs, serving_plan, summarize_raw
-from recipec.report import build_report, compare, delta, validate_report, write_report
+from recipec.runtime.engine import CacheOps, FakeClock
+from recipec.profile.compare import compare
+from recipec.profile.formatting import delta
+from recipec.profile.hardware import hardware_info
+from recipec.profile.metrics import ModelCost, Peaks
+from recipec.profile.profiler import measure_runs, serving_plan, summarize_raw
+from recipec.profile.quality import greedy_agreement, logit_quality
+from recipec.profile.report import build_report, validate_report, write_report
 
 from test_engine import FakeModel  # noqa: E402  (tests/ is on sys.path under pytest's default import mode)
 
@@ -117,8 +120,8 @@ def _tiny_llama_variant(root):
     """A tiny random llama, exported by the export pass's own code, as a variant directory."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from recipec.artifact import write_artifact_json
-    from recipec.passes.export import export_model, load_torch_model
+    from recipec.onnx.artifact import write_artifact_json
+    from recipec.passes.onnx.export import export_model, load_torch_model
 
     model_dir, variant_dir = root / "model", root / "baseline"
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -131,8 +134,9 @@ def _tiny_llama_variant(root):
 
 
 def test_end_to_end_profile_of_a_tiny_exported_model(tmp_path):
-    pytest.importorskip("recipec.runtime", reason="recipec/runtime.py (the ONNX step runtime) is not in this checkout yet")
-    from recipec.profiler import profile_variant, source_reference
+    pytest.importorskip("recipec.runtime.lm", reason="recipec/runtime.py (the ONNX step runtime) is not in this checkout yet")
+    from recipec.profile.profiler import profile_variant
+    from recipec.profile.quality import source_reference
 
     model_dir, variant_dir = _tiny_llama_variant(tmp_path)
     eval_tokens = np.random.default_rng(0).integers(0, 256, size=(2, 16))
@@ -159,7 +163,7 @@ def test_end_to_end_profile_of_a_tiny_exported_model(tmp_path):
 
 
 def test_peak_memory_catches_a_freed_allocation():
-    from recipec.profiler import PeakMemory, _rss_mb
+    from recipec.profile.memory import PeakMemory, _rss_mb
 
     before = _rss_mb()
     with PeakMemory("cpu") as mem:

@@ -8,10 +8,10 @@ import onnx
 import pytest
 import torch
 
-from recipec import artifact as art
-from recipec import runtime
-from recipec.passes import PassError
-from recipec.passes.export import TESTED_FAMILIES
+from recipec.errors import PassError
+from recipec.onnx import artifact as art
+from recipec.runtime import lm as runtime
+from recipec.passes.onnx.export import TESTED_FAMILIES
 
 PROMPTS = [[5, 17, 99, 3, 42, 8, 200], [7, 1, 250], [9, 9, 30, 31, 32]]
 NEW_TOKENS = 10
@@ -197,5 +197,6 @@ def test_runtime_import_leaves_torch_out():
     import subprocess
     import sys
 
-    code = "import sys, recipec.runtime; assert 'torch' not in sys.modules, 'torch was imported'"
+    code = ("import sys, recipec.runtime.engine, recipec.runtime.lm; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

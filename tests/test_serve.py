@@ -17,8 +17,10 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from recipec import runtime
-from recipec.serve import Detokenizer, main, profile_url
+from recipec.cli.serve import main
+from recipec.profile.remote import profile_url
+from recipec.runtime import lm as runtime
+from recipec.serve.tokenizer import Detokenizer
 
 CONTEXT = 4096  # room for LONG tokens
 LONG = 2000  # ~3 s of decoding here: a request that holds the slot while the test acts
@@ -59,7 +61,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(build):
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "recipec.serve", str(build), "--port", str(port), "--max-queue", "2"],
+    proc = subprocess.Popen([sys.executable, "-m", "recipec.cli", "serve", str(build), "--port", str(port),
+                             "--max-queue", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -71,7 +71,7 @@ def served(tmp_path_factory, export_op):
     port = _free_port()
     # stderr to a file, not a pipe: nobody reads a pipe during the load, and a full one would block the server.
     log = root / "serve.log"
-    proc = subprocess.Popen([sys.executable, "-m", "recipec.serve", str(root), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "recipec.cli", "serve", str(root), "--port", str(port),
                              "--max-queue", str(MAX_QUEUE)], stdout=subprocess.DEVNULL, stderr=log.open("w"))
     deadline = time.monotonic() + 90
     while True:
@@ -403,8 +403,9 @@ def test_the_service_keeps_no_memory_per_request_served():
     import gc
     import tracemalloc
 
-    from recipec.engine import Policy
-    from recipec.serve import Completion, ModelSpec, Sampling, Service
+    from recipec.runtime.engine import Policy
+    from recipec.serve.protocol import Completion, ModelSpec, Sampling
+    from recipec.serve.service import Service
 
     service = Service(_NextTokenModel(), ModelSpec("fake/baseline", VOCAB, None), Policy("continuous", max_batch_size=4),
                       max_queue=100_000)

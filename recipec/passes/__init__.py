@@ -1,9 +1,10 @@
-"""The one table of passes: op name -> Pass. Each pass lives in its own file beside this one."""
+"""The one table of passes: op name -> Pass. Each pass is a module or package of its own under onnx/ (the
+passes that write ONNX) or torch/ (those that rewrite a PyTorch model)."""
 from __future__ import annotations
 
-from .base import Pass, PassError, StageContext
-from . import export, fuse, quantize
-from . import distill, moe, prune
+from recipec.passes.base import Pass, PassError, StageContext
+from recipec.passes.onnx import export, fuse, quantize
+from recipec.passes.torch import distill, moe, prune
 
 PASSES: dict[str, Pass] = {p.op: p for p in (export.PASS, fuse.PASS, quantize.PASS, prune.PASS, distill.PASS, moe.PASS)}
 

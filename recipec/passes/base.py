@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol
 
-from ..errors import PassError  # noqa: F401 - re-exported: passes import it from here
+from recipec.core.console import Progress
+from recipec.errors import PassError  # noqa: F401 - re-exported: passes import it from here
 
 if TYPE_CHECKING:  # a serving process imports this module and must not pay torch's 250 MB
     import torch
@@ -24,11 +25,6 @@ class Data(Protocol):
     def calibration(self) -> "torch.Tensor": ...  # int64 [samples, seq_len]
 
     def eval(self) -> "torch.Tensor": ...  # int64 [samples, seq_len]
-
-
-class Progress(Protocol):
-    def __call__(self, description: str, total: int | None) -> ContextManager[Callable[..., None]]:
-        """`with ctx.progress("training", total=steps) as advance: advance(1, loss=0.3)`."""
 
 
 @dataclass
@@ -52,6 +48,8 @@ class CheckContext:
     stage_id: str
     model_config: Any  # the source model's transformers config; None where it cannot be read offline (hub)
     upstream: dict[str, str]  # every stage that runs before this one (its ancestors, "source" included) -> op
+    produces: dict[str, Kind]  # the same stages -> what they write ("torch" or "onnx")
+    data: dict[str, Any] = field(default_factory=dict)  # the recipe's data sections, defaults filled
 
 
 Check = Callable[[dict[str, Any], CheckContext], list[tuple[tuple, str]]]  # -> [(path inside `with`, message)]

@@ -1,0 +1,173 @@
+"""fuse: rewrite an exported decoder into onnxruntime's fused operators and save ORT's optimized graph.
+
+What does the work (docs/onnx-passes.md has the detail):
+- recipec's rewrite rules (recipec/fusions): shape-arithmetic folding, decoder attention with KV cache ->
+  GroupQueryAttention / MultiHeadAttention with RotaryEmbedding, merged sibling projections;
+- onnxruntime.transformers' optimizer: RMSNorm/LayerNorm and their skip forms, FastGelu/BiasGelu, bias adds;
+- onnxruntime's own graph optimizer at the chosen level, saved offline (constant folding and more).
+The output is checked against the input graph on seeded inputs before the stage succeeds.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from recipec.core.params import prop
+from recipec.onnx import artifact
+from recipec.onnx.fusions import pipeline
+from recipec.onnx import sessions
+from recipec.onnx.fusions._utils import contrib_ops, op_counts
+from recipec.passes.base import Pass, PassError, StageContext
+
+ORT_LEVELS = {
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+FP32_TOLERANCE, FP16_TOLERANCE = 1e-3, 5e-2
+
+PARAMS: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "level": {
+            "enum": ["basic", "extended", "all"], "default": "extended",
+            "description": "basic: constant folding and shape clean-up only. extended: + attention, rotary, "
+                           "norm, GELU and bias fusions, merged projections, onnxruntime's extended "
+                           "optimizations. all: + onnxruntime's layout optimizations, which are specific to "
+                           "the CPU that runs the build (applied for provider cpu only).",
+        },
+        "provider": {
+            "enum": ["cpu", "cuda"], "default": "cpu",
+            "description": "Execution provider the graph is optimized for. Offline optimizations beyond "
+                           "basic need that provider at build time; without CUDA here, a cuda graph gets "
+                           "recipec's and onnxruntime.transformers' fusions plus basic optimizations.",
+        },
+        "attention": {
+            "enum": ["auto", "gqa", "mha", "none"], "default": "auto",
+            "description": "Attention operator: auto = MultiHeadAttention where kv heads equal heads, "
+                           "GroupQueryAttention otherwise; mha matches only kv heads == heads; none keeps "
+                           "attention unfused.",
+        },
+        "merge_projections": prop("boolean", True, "Merge MatMuls that share their input (q/k/v, gate/up) into "
+                                                   "one MatMul + Split."),
+        "tolerance": prop(["number", "null"], None,
+                          "Largest allowed |Δ| of logits and present.* between the fused and the input graph "
+                          "(left-padded prefill and one decode step on seeded inputs); the stage fails beyond "
+                          f"it. null = {FP32_TOLERANCE:g} for float32 graphs, {FP16_TOLERANCE:g} when the input "
+                          "holds float16 weights (reordered half-precision sums differ by more).",
+                          exclusiveMinimum=0),
+        "seed": prop("integer", 0, "Seed of the check inputs."),
+    },
+}
+
+
+def _graph_fusions(proto: onnx.ModelProto, params: dict[str, Any], ctx: StageContext) -> tuple[onnx.ModelProto, dict]:
+    report = pipeline.FusionReport()
+    overridable = pipeline.detach_overridable(proto)
+    model = pipeline.prepare(proto, report)
+    if params["level"] != "basic":
+        pipeline.fuse_attention(model, params["attention"], report, ctx.log)
+        pipeline.unflatten_gemms(model, report)
+        if params["merge_projections"]:
+            pipeline.merge_projections(model, report)
+    pipeline.reattach(model, overridable)
+    fused = ir.to_proto(model)
+    if params["level"] != "basic":
+        fused = pipeline.ort_transformer_fusions(fused, params["provider"], ctx.log)
+    return fused, report.applied
+
+
+def _ort_level(params: dict[str, Any], ctx: StageContext) -> ort.GraphOptimizationLevel:
+    level = params["level"]
+    if params["provider"] == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        if level != "basic":
+            ctx.log("fuse: no CUDA execution provider here; onnxruntime's offline optimizations stop at basic")
+        return ORT_LEVELS["basic"]
+    if params["provider"] == "cuda" and level == "all":
+        return ORT_LEVELS["extended"]  # layout optimizations target CPU kernels
+    return ORT_LEVELS[level]
+
+
+def _save_optimized(proto: onnx.ModelProto, params: dict[str, Any], ctx: StageContext) -> Path:
+    """onnxruntime applies its own optimizations and writes the result as the stage's model.onnx."""
+    with tempfile.TemporaryDirectory(dir=ctx.output_dir) as scratch:
+        staged = sessions.save_model(proto, Path(scratch))
+        target = ctx.output_dir / "model.onnx"
+        sessions.session(staged, params["provider"], _ort_level(params, ctx), target,
+                        external=(Path(scratch) / "model.onnx.data").exists())
+    return target
+
+
+def _check(params: dict[str, Any], source: Path, target: Path, tolerance: float) -> dict[str, float]:
+    reference = sessions.session(source, params["provider"])
+    candidate = sessions.session(target, params["provider"])
+    diffs = sessions.max_logit_diffs(reference, candidate, params["seed"])
+    worst = max(diffs, key=diffs.get)
+    if diffs[worst] > tolerance:
+        raise PassError(f"fuse: the fused graph differs from its input by {diffs[worst]:.3g} in {worst} "
+                        f"(tolerance {tolerance:g}); try level: basic or attention: none, and fuse before quantize")
+    return diffs
+
+
+def _tolerance(params: dict[str, Any], proto: onnx.ModelProto) -> float:
+    if params["tolerance"] is not None:
+        return params["tolerance"]
+    half = any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer)
+    return FP16_TOLERANCE if half else FP32_TOLERANCE
+
+
+def apply(ctx: StageContext) -> dict[str, Any]:
+    params = ctx.params
+    source = ctx.input_dir / "model.onnx"
+    if not source.exists():
+        raise PassError(f"fuse: {source} does not exist; fuse consumes an exported ONNX variant")
+    base = artifact.read_artifact(ctx.input_dir)
+    proto = onnx.load(str(source))
+    before, tolerance = op_counts(ir.from_proto(proto)), _tolerance(params, proto)
+    io_types = onnx.ModelProto(graph=onnx.GraphProto(input=proto.graph.input, output=proto.graph.output))
+    with ctx.progress("fusing", total=None):
+        fused, applied = _graph_fusions(proto, params, ctx)
+        del proto
+        pipeline.restore_io_types(io_types, fused)
+        if params["provider"] == "cuda" and "GroupQueryAttention" in applied:
+            ctx.log("fuse: GroupQueryAttention runs on CUDA in float16/bfloat16 only; follow with quantize "
+                    "scheme: fp16")
+        target = _save_optimized(fused, params, ctx)
+    with ctx.progress("checking fused graph", total=None):
+        diffs = _check(params, source, target, tolerance)
+    fused_model = ir.load(str(target))
+    after, contrib = op_counts(fused_model), contrib_ops(fused_model)
+    artifact.copy_support_files(ctx.input_dir, ctx.output_dir)
+    artifact.write_artifact_json(ctx.output_dir, base=base)
+    return _metrics(params, before, after, contrib, applied, diffs, tolerance)
+
+
+def _metrics(params, before: dict[str, int], after: dict[str, int], contrib: set[str], applied: dict[str, int],
+             diffs: dict[str, float], tolerance: float) -> dict[str, Any]:
+    fused_ops = {op: after[op] - before.get(op, 0) for op in sorted(contrib) if after[op] > before.get(op, 0)}
+    return {
+        "level": params["level"], "provider": params["provider"], "attention": params["attention"],
+        "nodes_before": sum(before.values()), "nodes_after": sum(after.values()),
+        "ops_before": before, "ops_after": after,
+        "fused_ops": fused_ops, "rewrites": applied,
+        "max_abs_diff": diffs, "tolerance": tolerance,
+    }
+
+
+PASS = Pass(
+    op="fuse",
+    consumes="onnx",
+    produces="onnx",
+    params=PARAMS,
+    apply=apply,
+    summary="Fuse attention (GQA/MHA + rotary), norms, GELU and projections into onnxruntime's fused "
+            "operators; save onnxruntime's optimized graph; check logits against the input graph.",
+)

@@ -1,0 +1,114 @@
+"""report.md: what a reviewer reads in a PR. One table per serving run with every variant side by side and
+its change against baseline, then quality, gates, build stages, plots and the methods behind the numbers.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from recipec.profile.formatting import SERVING_COLUMNS, delta, fmt, fmt_bytes, get, run_key, run_label
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+PERCENT = {"mbu", "mfu", "mbu_step", "mfu_prefill", "mfu_decode"}
+
+
+def _cell(v: Any, base: Any, with_delta: bool, path: str = "") -> str:
+    if path in PERCENT:  # a utilization: its relative change would read as a speedup, so show the level only
+        return "–" if v is None else f"{v * 100:.{1 if v >= 0.01 else 2}f}%"
+    d = delta(v, base) if with_delta else ""
+    return fmt(v) + (f" ({d})" if d else "")
+
+
+def _runs_by_key(report: dict[str, Any]) -> dict[tuple, dict[str, dict[str, Any]]]:
+    """(batching, concurrency, rate) -> variant -> run, in the order runs were measured."""
+    out: dict[tuple, dict[str, dict[str, Any]]] = {}
+    for name, v in report["variants"].items():
+        for run in v.get("serving") or []:
+            out.setdefault(run_key(run), {})[name] = run
+    return out
+
+
+def _serving_md(report: dict[str, Any]) -> list[str]:
+    parts = []
+    for runs in _runs_by_key(report).values():
+        base = runs.get("baseline")
+        rows = [[f"**{name}**"] + [_cell(get(run, p), get(base, p), name != "baseline", p) for _, p in SERVING_COLUMNS]
+                for name, run in runs.items()]
+        first = next(iter(runs.values()))
+        parts += [f"### {run_label(first)}", "",
+                  f"{first['num_requests']} requests, prompt {_len(first.get('prompt_tokens'))} tokens, "
+                  f"output {_len(first.get('output_tokens'))} tokens, max batch {first['max_batch_size']}"
+                  + _load_note(runs.values()), "",
+                  _table(["variant"] + [c for c, _ in SERVING_COLUMNS], rows), ""]
+    return parts
+
+
+def _load_note(runs: Iterable[dict[str, Any]]) -> str:
+    loads = [r["host_load_avg_1m"] for r in runs if r.get("host_load_avg_1m") is not None]
+    return f"; host load average {min(loads):.1f}–{max(loads):.1f} during these runs" if loads else ""
+
+
+def _len(spec: Any) -> str:
+    return f"{spec['min']}–{spec['max']}" if isinstance(spec, dict) else str(spec)
+
+
+def _variants_md(report: dict[str, Any]) -> list[str]:
+    base = report["variants"].get("baseline", {})
+    rows = []
+    for name, v in report["variants"].items():
+        a, q, nb = v.get("artifact", {}), v.get("quality") or {}, name != "baseline"
+        size_delta = delta(a.get("bytes"), get(base, "artifact.bytes")) if nb else ""
+        rows.append([f"**{name}**", fmt_bytes(a.get("bytes")) + (f" ({size_delta})" if size_delta else ""),
+                     _cell(a.get("parameters"), get(base, "artifact.parameters"), nb),
+                     fmt(q.get("kl_divergence")), fmt(q.get("top1_agreement")),
+                     _cell(q.get("perplexity"), get(base, "quality.perplexity"), nb), fmt(q.get("greedy_agreement"))])
+    header = ["variant", "artifact", "parameters", "KL", "top-1 agree", "perplexity", "greedy agree"]
+    src = next((v["quality"].get("source_perplexity") for v in report["variants"].values()
+                if (v.get("quality") or {}).get("source_perplexity") is not None), None)
+    note = [f"Source model perplexity on the eval tokens: {fmt(src)}.", ""] if src is not None else []
+    return ["## Variants", "", _table(header, rows), "", *note]
+
+
+def _gates_md(report: dict[str, Any]) -> list[str]:
+    if not report["gates"]:
+        return ["## Gates", "", "No gates in the recipe.", ""]
+    rows = [["✅" if g["passed"] else "❌", g["metric"], g["variant"],
+             f"{'≤' if g.get('op') == 'max' else '≥'} {fmt(g['limit'])}", fmt(g["value"]), g.get("run") or "",
+             g.get("reason") or ""] for g in report["gates"]]
+    verdict = "all gates passed" if report["gates_passed"] else "**gates failed**"
+    return ["## Gates", "", verdict, "", _table(["", "metric", "variant", "limit", "value", "run", "reason"], rows), ""]
+
+
+def _build_md(report: dict[str, Any]) -> list[str]:
+    build = report.get("build")
+    if not build:
+        return []
+    rows = [[s["id"], s.get("op", ""), f"{s['seconds']:.1f}", "cached" if s.get("cached") else ""] for s in build["stages"]]
+    return ["## Build stages", "", _table(["stage", "op", "seconds", ""], rows), "",
+            f"Total {build['total_seconds']:.1f} s.", ""]
+
+
+def _hardware_md(report: dict[str, Any]) -> list[str]:
+    h = report["hardware"]
+    return [f"Device: **{h['device']}** — {h['name']}.  ",
+            f"Peak bandwidth {fmt(h['peak_bandwidth_gb_s'])} GB/s ({h['peak_bandwidth_source']}).  ",
+            f"Peak compute {fmt(h['peak_tflops'])} TFLOP/s ({h['peak_tflops_source']}).", ""]
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    r = report["recipe"]
+    plots = report.get("plots") or {}
+    lines = [f"# recipec report: {r['name']}", "",
+             f"Recipe sha256 `{r['sha256'][:16]}…`, recipec {report.get('recipec_version', '')}, "
+             f"{report.get('created_at', '')}.", "", *_hardware_md(report), *_variants_md(report),
+             "## Serving", "", "Changes in parentheses are against `baseline` on the same run.", "",
+             *_serving_md(report), *_gates_md(report), *_build_md(report)]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{k}]({p})" for k, p in plots.items()] + [""]
+    lines += ["## How each number was measured", ""] + [f"- **{k}**: {v}" for k, v in report["methods"].items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,105 @@
+"""The PNG plots report.md links: latency against throughput, per-request latency distributions, build
+time per stage."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from recipec.profile.formatting import get, run_label
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on build machines; must precede the pyplot import
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_latency_throughput(report: dict[str, Any], path: Path, plt) -> bool:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    drawn = False
+    for name, v in report["variants"].items():
+        by_policy: dict[str, list[dict[str, Any]]] = {}
+        for run in v.get("serving") or []:
+            by_policy.setdefault(run["batching"], []).append(run)
+        for policy, runs in by_policy.items():
+            pts = [(r["output_throughput_tok_s"], get(r, "tpot_ms.p50"), get(r, "ttft_ms.p50")) for r in runs]
+            pts = [p for p in pts if None not in p]
+            if not pts:
+                continue
+            x, tpot, ttft = zip(*pts)
+            label = f"{name} ({policy})"
+            axes[0].plot(x, tpot, marker="o", label=label)
+            axes[1].plot(x, ttft, marker="o", label=label)
+            drawn = True
+    for ax, what in zip(axes, ("TPOT p50 (ms)", "TTFT p50 (ms)")):
+        ax.set_xlabel("output throughput (tok/s)")
+        ax.set_ylabel(what)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("latency vs throughput across load levels")
+    return _save(fig, path, plt, drawn)
+
+
+def _plot_distributions(report: dict[str, Any], path: Path, plt) -> bool:
+    """Per-request TTFT and TPOT of each variant's highest-load run of its first batching policy."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    drawn = False
+    for ax, metric in zip(axes, ("ttft_ms", "tpot_ms")):
+        data, labels = [], []
+        for name, v in report["variants"].items():
+            run = _highest_load(v.get("serving") or [])
+            values = (run or {}).get("samples", {}).get(metric) or []
+            if values:
+                data.append(values)
+                labels.append(f"{name}\n{run_label(run)}")
+        if data:
+            ax.boxplot(data, showfliers=True)
+            ax.set_xticks(range(1, len(labels) + 1), labels, fontsize=7)
+            drawn = True
+        ax.set_ylabel(f"{metric.removesuffix('_ms').upper()} per request (ms)")
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle("TTFT and TPOT distributions")
+    return _save(fig, path, plt, drawn)
+
+
+def _highest_load(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    if not runs:
+        return None
+    first = [r for r in runs if r["batching"] == runs[0]["batching"]]
+    return max(first, key=lambda r: (r.get("concurrency") or 0, r.get("rate_rps") or 0))
+
+
+def _plot_stages(report: dict[str, Any], path: Path, plt) -> bool:
+    stages = (report.get("build") or {}).get("stages") or []
+    if not stages:
+        return False
+    fig, ax = plt.subplots(figsize=(8, max(2.0, 0.8 + 0.4 * len(stages))))
+    ax.barh([s["id"] + (" (cached)" if s.get("cached") else "") for s in stages], [s["seconds"] for s in stages])
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds")
+    ax.set_title("build time per stage")
+    return _save(fig, path, plt, True)
+
+
+def _save(fig, path: Path, plt, drawn: bool) -> bool:
+    if drawn:
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return drawn
+
+
+def render_plots(report: dict[str, Any], plot_dir: Path) -> dict[str, Path]:
+    """PNG files for report.md; a plot with nothing to draw is not written."""
+    plt = _pyplot()
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for key, fn in (("latency_vs_throughput", _plot_latency_throughput), ("ttft_tpot_distribution", _plot_distributions),
+                    ("build_stages", _plot_stages)):
+        path = plot_dir / f"{key}.png"
+        if fn(report, path, plt):
+            out[key] = path
+    return out

@@ -1,0 +1,210 @@
+"""Profile one variant: serving runs under the recipe's batching policy at each load level, peak
+memory (recipec.profile.memory), artifact size, and quality against the source model
+(recipec.profile.quality).
+
+Serving runs in a fresh Python process (`python -m recipec.profile.profiler worker IN OUT`) so its peak
+memory is the variant's alone, not the builder's torch model and caches.
+
+serving_spec is the recipe's resolved `serving` section:
+  {threads, batching: {policy, max_batch_size, max_wait_ms, max_tokens_per_step},
+   workload: {prompt_tokens, output_tokens, requests, warmup_requests, concurrency, arrival,
+              rate_rps, burstiness, seed}, slo: {ttft_ms, tpot_ms, e2e_latency_ms} (optional)}
+`policy` may be a list to profile several policies; concurrency and rate_rps may be lists.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from recipec.core.diskspace import tree_bytes
+from recipec.runtime.engine import CacheOps, Engine, Policy, RealClock
+from recipec.profile.loadgen import Workload, run_closed_loop, run_open_loop
+from recipec.profile.memory import PeakMemory
+from recipec.profile.metrics import ModelCost, Peaks, latency_samples, summarize_run
+from recipec.profile.quality import evaluate_quality
+from recipec.runtime.records import RequestRecord, StepRecord
+
+_DEFAULT_BATCHING = {"policy": "continuous", "max_batch_size": 8, "max_wait_ms": 5.0, "max_tokens_per_step": 4096}
+
+
+def _as_list(v: Any) -> list:
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def _length(v: Any) -> int | list[int]:
+    return [v["min"], v["max"]] if isinstance(v, dict) else int(v)
+
+
+def serving_plan(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """One dict per run: policy settings, load level and workload, in the order they are measured
+    (ascending load, so a process's memory peak grows with the run that caused it)."""
+    b = {**_DEFAULT_BATCHING, **spec.get("batching", {})}
+    w = spec.get("workload", {})
+    common = {"max_batch_size": b["max_batch_size"], "max_wait_ms": b["max_wait_ms"],
+              "max_tokens_per_step": b["max_tokens_per_step"],
+              "prompt_tokens": w.get("prompt_tokens", 128), "output_tokens": w.get("output_tokens", 64),
+              "num_requests": w.get("requests", 16), "warmup_requests": w.get("warmup_requests", 2),
+              "seed": w.get("seed", 0)}
+    if w.get("arrival", "closed") == "closed":
+        loads = [{"concurrency": int(c)} for c in sorted(_as_list(w.get("concurrency", [1])))]
+    else:
+        loads = [{"rate_rps": float(r), "burstiness": float(w.get("burstiness", 1.0)),
+                  "max_concurrency": w.get("max_concurrency")} for r in sorted(_as_list(w["rate_rps"]))]
+    return [{"batching": p, **common, **load} for p in _as_list(b["policy"]) for load in loads]
+
+
+def _workload(run: dict[str, Any]) -> Workload:
+    return Workload(num_requests=run["num_requests"], prompt_len=_length(run["prompt_tokens"]),
+                    output_len=_length(run["output_tokens"]), warmup_requests=run["warmup_requests"],
+                    seed=run["seed"], ignore_eos=True)
+
+
+def load_model(variant_dir: Path, device: str, threads: int = 0):
+    from recipec.runtime import lm as runtime
+
+    return runtime.load(variant_dir, device, threads=threads or None)
+
+
+def serve_runs(variant_dir: Path, device: str, runs: Sequence[dict[str, Any]], threads: int = 0,
+               log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Load the variant and measure each run; raw timestamps out, metrics are computed by the caller."""
+    from recipec.onnx.artifact import read_artifact
+
+    vocab = int(read_artifact(variant_dir)["model"]["vocab_size"])
+    t0 = time.perf_counter()
+    model = load_model(Path(variant_dir), device, threads)
+    load_s = time.perf_counter() - t0
+    return {"load_seconds": load_s, "runs": measure_runs(model, runs, vocab, device, log=log)}
+
+
+def measure_runs(model, runs: Sequence[dict[str, Any]], vocab_size: int, device: str = "cpu", clock=None,
+                 cache_ops=None, log: Callable[[str], None] = lambda s: None) -> list[dict[str, Any]]:
+    out = []
+    for run in runs:
+        log(f"serving {run['batching']} " + (f"concurrency {run['concurrency']}" if "concurrency" in run
+                                             else f"{run['rate_rps']} req/s"))
+        with PeakMemory(device) as mem:
+            res = _one_run(model, run, vocab_size, clock or RealClock(), cache_ops or CacheOps())
+        out.append({"run": run, "records": [asdict(r) for r in res.records], "steps": [asdict(s) for s in res.steps],
+                    "peak_memory_mb": mem.peak_mb, "peak_memory_source": mem.source,
+                    # other processes competing for the cores inflate latencies; say how busy the host was
+                    "host_load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None})
+    return out
+
+
+def _one_run(model, run: dict[str, Any], vocab: int, clock, cache_ops):
+    policy = Policy(run["batching"], run["max_batch_size"], run["max_wait_ms"], run["max_tokens_per_step"])
+    engine = Engine(model, policy, clock, cache_ops, eos_token_id=getattr(model, "eos_token_ids", None))
+    w = _workload(run)
+    if "concurrency" in run:
+        return run_closed_loop(engine, w, vocab, run["concurrency"], clock)
+    return run_open_loop(engine, w, vocab, run["rate_rps"], clock, run["burstiness"], run.get("max_concurrency"))
+
+
+def _worker_main(argv: list[str]) -> int:
+    job = json.loads(Path(argv[0]).read_text())
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    result = serve_runs(Path(job["variant_dir"]), job["device"], job["runs"], job.get("threads", 0), log)
+    Path(argv[1]).write_text(json.dumps(result))
+    return 0
+
+
+def _serve_isolated(variant_dir: Path, device: str, runs: list[dict[str, Any]], threads: int,
+                    log: Callable[[str], None]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="recipec-profile-") as tmp:
+        job, out = Path(tmp) / "job.json", Path(tmp) / "out.json"
+        job.write_text(json.dumps({"variant_dir": str(variant_dir), "device": device, "runs": runs, "threads": threads}))
+        root = str(Path(__file__).resolve().parents[2])  # importable even when recipec is not installed
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        proc = subprocess.Popen([sys.executable, "-m", "recipec.profile.profiler", "worker", str(job), str(out)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        tail: list[str] = []
+        for line in proc.stderr:  # the worker's progress lines, passed on as they come
+            tail = (tail + [line.rstrip()])[-60:]
+            log(line.rstrip())
+        if proc.wait() != 0:
+            raise RuntimeError(f"profiling {variant_dir} failed (exit {proc.returncode}):\n" + "\n".join(tail))
+        return json.loads(out.read_text())
+
+
+def model_cost(art: dict[str, Any]) -> ModelCost:
+    """From artifact.json. Embedding tables only Gathers read are excluded from both the bytes a decode
+    step reads (it gathers one row) and the FLOP-bearing parameters (a gather multiplies nothing); a tied
+    table is also the LM head's matmul, so it stays. MoE: only the routed share of expert weights is
+    read and multiplied per token (exact at batch 1, a lower bound for larger batches)."""
+    w, kv, m = art["weights"], art["kv_cache"], art["model"]
+    dense = w["parameters"] - w["embedding_parameters"]
+    active = w["active_parameters"] - w["embedding_parameters"]
+    share = active / dense if dense else 1.0
+    return ModelCost(weight_bytes_per_step=int(round((w["bytes"] - w["embedding_bytes"]) * share)),
+                     active_params=int(active), num_layers=int(kv["num_layers"]),
+                     num_heads=int(m["num_attention_heads"]), num_kv_heads=int(kv["num_kv_heads"]),
+                     head_dim=int(kv["head_dim"]), kv_bytes_per_elem=np.dtype(kv["dtype"]).itemsize)
+
+
+def summarize_raw(raw: dict[str, Any], cost: ModelCost | None, peaks: Peaks | None, slo: dict | None) -> dict[str, Any]:
+    records = [RequestRecord(**r) for r in raw["records"]]
+    steps = [StepRecord(**s) for s in raw["steps"]]
+    run = dict(raw["run"])
+    for key in ("prompt_tokens", "output_tokens"):
+        run[key] = run[key] if not isinstance(run[key], list) else {"min": run[key][0], "max": run[key][1]}
+    summary = summarize_run(records, steps, cost, peaks, slo)
+    for k in ("mbu", "mbu_step", "mfu", "mfu_prefill", "mfu_decode"):
+        summary.setdefault(k, None)
+    # the values behind the summary's ttft/tpot/e2e statistics (the report's plots draw them)
+    samples = {k: v for k, v in latency_samples(records).items() if k != "itl_ms"}
+    return {**run, **summary, "slo": slo, "peak_memory_mb": raw["peak_memory_mb"],
+            "peak_memory_source": raw["peak_memory_source"], "host_load_avg_1m": raw.get("host_load_avg_1m"),
+            "samples": samples}
+
+
+def artifact_section(variant_dir: Path, art: dict[str, Any], cost: ModelCost) -> dict[str, Any]:
+    size = tree_bytes(variant_dir)
+    w = art["weights"]
+    return {"path": str(variant_dir), "bytes": int(size), "parameters": int(w["parameters"]),
+            "active_parameters": int(w["active_parameters"]), "weight_bytes_per_decode_step": cost.weight_bytes_per_step,
+            "bytes_by_dtype": {k: int(v["bytes"]) for k, v in w["by_dtype"].items()}}
+
+
+def profile_variant(variant_dir: Path | str, serving_spec: dict[str, Any], device: str = "cpu",
+                    eval_tokens: np.ndarray | None = None, source_logits: np.ndarray | None = None,
+                    source_greedy: dict[str, Any] | None = None, hardware: dict[str, Any] | None = None,
+                    log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """The report's `variants.<id>` entry. `hardware` is hardware_info()'s dict (its peaks are the MBU
+    and MFU denominators; without it they are null)."""
+    from recipec.onnx.artifact import read_artifact
+
+    variant_dir = Path(variant_dir)
+    art = read_artifact(variant_dir)
+    runs = serving_plan(serving_spec)
+    threads = int(serving_spec.get("threads", 0))
+    raw = _serve_isolated(variant_dir, device, runs, threads, log)
+    peaks = _peaks(hardware)
+    cost = model_cost(art)
+    serving = [summarize_raw(r, cost, peaks, serving_spec.get("slo")) for r in raw["runs"]]
+    log("evaluating quality")
+    model = load_model(variant_dir, device, threads)
+    quality = evaluate_quality(model, eval_tokens, source_logits, source_greedy)
+    return {"artifact": artifact_section(variant_dir, art, cost), "quality": quality, "serving": serving,
+            "load_seconds": raw["load_seconds"]}
+
+
+def _peaks(hardware: dict[str, Any] | None) -> Peaks | None:
+    if not hardware or not hardware.get("peak_bandwidth_gb_s") or not hardware.get("peak_tflops"):
+        return None
+    return Peaks(hardware["peak_bandwidth_gb_s"], hardware["peak_tflops"])
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "worker":
+        sys.exit(_worker_main(sys.argv[2:]))
+    sys.exit("usage: python -m recipec.profile.profiler worker JOB.json OUT.json")

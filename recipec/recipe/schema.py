@@ -1,0 +1,204 @@
+"""The recipe schema: the base document here plus each pass's own `with` schema from the pass table.
+
+schemas/recipe.schema.json is this function's output, committed so that editors and CI can use it
+without installing recipec; tests/test_schema.py fails when the two drift apart.
+"""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import jsonschema
+from typing import Any
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+SCHEMA_ID = "https://recipec.dev/schemas/recipe.schema.json"
+
+
+def _data_section(default_seed: int, default_samples: int) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "description": "Where token windows come from: random ids (synthetic), text files (a corpus), or JSON lines.",
+        "properties": {
+            "source": {"enum": ["synthetic", "text", "jsonl"], "default": "synthetic"},
+            "corpus": {"const": "stdlib", "description": "source: text — the Python standard library's sources."},
+            "path": {"type": "string", "minLength": 1,
+                     "description": "source: text — a file or glob; source: jsonl — a .jsonl file (relative to the recipe)."},
+            "field": {"type": "string", "default": "text", "description": "source: jsonl — the field holding the text."},
+            "samples": {"type": "integer", "minimum": 1, "maximum": 100000, "default": default_samples},
+            "seq_len": {"type": "integer", "minimum": 2, "maximum": 32768, "default": 128},
+            "seed": {"type": "integer", "minimum": 0, "default": default_seed},
+        },
+        "allOf": [
+            {"if": {"properties": {"source": {"const": "jsonl"}}, "required": ["source"]},
+             "then": {"required": ["path"]}},
+            {"if": {"properties": {"source": {"const": "text"}}, "required": ["source"]},
+             "then": {"oneOf": [{"required": ["corpus"]}, {"required": ["path"]}]}},
+        ],
+    }
+
+
+def _model_section(pretrain_schema: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["source"],
+        "properties": {
+            "source": {"enum": ["synthetic", "path", "hub"]},
+            "family": {"type": "string", "pattern": r"^[a-z0-9_]+$",
+                       "description": "source: synthetic — a transformers model_type (llama, mistral, qwen2, gpt2, mixtral, qwen2_moe...)."},
+            "config": {"type": "object", "default": {},
+                       "description": "source: synthetic — overrides of the family's default config."},
+            "seed": {"type": "integer", "minimum": 0, "default": 0},
+            "path": {"type": "string", "minLength": 1,
+                     "description": "source: path — a save_pretrained directory, relative to the recipe file."},
+            "id": {"type": "string", "pattern": r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)?$",
+                   "description": "source: hub — a Hugging Face model id."},
+            "revision": {"type": "string", "default": "main"},
+            "trust_remote_code": {"type": "boolean", "default": False},
+            "dtype": {"enum": ["float32", "float16", "bfloat16"], "default": "float32"},
+            "pretrain": {k: v for k, v in pretrain_schema.items() if k != "$schema"},
+        },
+        "allOf": [
+            {"if": {"properties": {"source": {"const": "synthetic"}}}, "then": {"required": ["family"]}},
+            {"if": {"properties": {"source": {"const": "path"}}}, "then": {"required": ["path"]}},
+            {"if": {"properties": {"source": {"const": "hub"}}}, "then": {"required": ["id"]}},
+            {"if": {"required": ["pretrain"]}, "then": {"properties": {"source": {"const": "synthetic"}}}},
+        ],
+    }
+
+
+def _serving_section() -> dict[str, Any]:
+    pos_int = {"type": "integer", "minimum": 1}
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "default": {},
+        "properties": {
+            "device": {"enum": ["auto", "cpu", "cuda"], "default": "auto"},
+            "threads": {"type": "integer", "minimum": 0, "default": 0,
+                        "description": "onnxruntime intra-op threads; 0 = onnxruntime's default."},
+            "batching": {
+                "type": "object", "additionalProperties": False, "default": {},
+                "properties": {
+                    "policy": {"enum": ["static", "dynamic", "continuous"], "default": "continuous"},
+                    "max_batch_size": {**pos_int, "maximum": 1024, "default": 8},
+                    "max_wait_ms": {"type": "number", "minimum": 0, "maximum": 60000, "default": 5},
+                    "max_tokens_per_step": {**pos_int, "default": 4096,
+                                            "description": "continuous: prefill+decode tokens one step may process."},
+                },
+            },
+            "workload": {
+                "type": "object", "additionalProperties": False, "default": {},
+                "properties": {
+                    "prompt_tokens": {"oneOf": [{**pos_int, "maximum": 32768}, _range_schema()], "default": 128},
+                    "output_tokens": {"oneOf": [{**pos_int, "maximum": 32768}, _range_schema()], "default": 64},
+                    "requests": {**pos_int, "maximum": 100000, "default": 16},
+                    "warmup_requests": {"type": "integer", "minimum": 0, "default": 2},
+                    "concurrency": {"oneOf": [pos_int, {"type": "array", "items": pos_int, "minItems": 1}],
+                                    "default": [1]},
+                    "arrival": {"enum": ["closed", "poisson"], "default": "closed"},
+                    "rate_rps": {"oneOf": [{"type": "number", "exclusiveMinimum": 0},
+                                           {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0}, "minItems": 1}]},
+                    "burstiness": {"type": "number", "exclusiveMinimum": 0, "default": 1.0},
+                    "seed": {"type": "integer", "minimum": 0, "default": 0},
+                },
+                "allOf": [{"if": {"properties": {"arrival": {"const": "poisson"}}, "required": ["arrival"]},
+                           "then": {"required": ["rate_rps"]}}],
+            },
+        },
+    }
+
+
+def _range_schema() -> dict[str, Any]:
+    return {"type": "object", "additionalProperties": False, "required": ["min", "max"],
+            "properties": {"min": {"type": "integer", "minimum": 1}, "max": {"type": "integer", "minimum": 1}}}
+
+
+def _gate() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["metric"],
+        "anyOf": [{"required": ["min"]}, {"required": ["max"]}],
+        "properties": {
+            "metric": {"type": "string", "minLength": 1, "description": "a report metric path, e.g. tpot_ms.p50"},
+            "min": {"type": "number"},
+            "max": {"type": "number"},
+            "variant": {"type": "string", "description": "a variant id; omitted = every variant but baseline"},
+        },
+    }
+
+
+def _pass_entry(params: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    ops = sorted(params)
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["id", "op"],
+        "properties": {
+            "id": {"type": "string", "pattern": ID_PATTERN},
+            "op": {"enum": ops},
+            "after": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}],
+                      "description": "explicit parent stage id(s); default: the previous entry (or the source model)"},
+            "with": {"type": "object", "default": {}},
+        },
+        "allOf": [
+            {"if": {"properties": {"op": {"const": op}}, "required": ["op"]},
+             "then": {"properties": {"with": {"$ref": f"#/$defs/ops/{op}"}},
+                      # an op with required parameters cannot lean on the empty default of `with`
+                      **({"required": ["with"]} if params[op].get("required") else {})}}
+            for op in ops
+        ],
+    }
+
+
+def build_recipe_schema() -> dict[str, Any]:
+    from recipec.passes import PASSES
+    from recipec.source.pretrain import PRETRAIN_SCHEMA
+
+    ops = sorted(PASSES)
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": SCHEMA_ID,
+        "title": "recipec recipe, version 1",
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["recipe", "name", "model"],
+        "properties": {
+            "recipe": {"const": 1, "description": "format version"},
+            "name": {"type": "string", "pattern": NAME_PATTERN, "description": "names out/<name>/"},
+            "description": {"type": "string"},
+            "model": _model_section(PRETRAIN_SCHEMA),
+            "data": {
+                "type": "object", "additionalProperties": False, "default": {},
+                "properties": {"calibration": {**_data_section(0, 32), "default": {}},
+                               "eval": {**_data_section(1, 16), "default": {}}},
+            },
+            "passes": {"type": "array", "items": _pass_entry({op: PASSES[op].params for op in ops}), "default": []},
+            "serving": _serving_section(),
+            "gates": {"type": "array", "items": _gate(), "default": []},
+        },
+        "$defs": {"ops": {op: PASSES[op].params for op in ops}},
+    }
+
+
+def schema_json(schema: dict[str, Any]) -> str:
+    return json.dumps(schema, indent=2, sort_keys=False) + "\n"
+
+
+SCHEMAS_DIR = Path(__file__).resolve().parents[1] / "schemas"
+
+
+def report_schema() -> dict[str, Any]:
+    return json.loads((SCHEMAS_DIR / "report.schema.json").read_text())
+
+
+@lru_cache(maxsize=1)
+def recipe_schema() -> dict[str, Any]:
+    schema = build_recipe_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return schema

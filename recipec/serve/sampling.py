@@ -1,0 +1,40 @@
+"""The engine the server runs: the profiler's own, choosing tokens by each request's sampling parameters."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from recipec.runtime.engine import Engine, Request
+from recipec.runtime.lm import sample
+from recipec.serve.protocol import Sampling
+
+
+class SamplingEngine(Engine):
+    """The profiler's Engine, choosing each row's token by its request's sampling parameters (the rows of a
+    step are the requests of the prefill batch or the engine's running rows); scheduling, step records and
+    the measured timings stay the engine's own."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._params: dict[int, Sampling] = {}
+
+    def submit_sampled(self, prompt: Sequence[int], max_new_tokens: int, sampling: Sampling, **kwargs) -> Request:
+        # The engine thread takes new requests under self._cond, an RLock: holding it here until the
+        # parameters are registered means no step can see the request before them.
+        with self._cond:
+            request = self.submit(prompt, max_new_tokens, **kwargs)
+            self._params[request.id] = sampling
+        return request
+
+    def forget(self, request: Request) -> None:
+        self._params.pop(request.id, None)
+
+    def _pick(self, logits, rows: Sequence[Request]) -> np.ndarray:
+        return np.array([self._choose(np.asarray(logits[i:i + 1]), r) for i, r in enumerate(rows)], dtype=np.int64)
+
+    def _choose(self, logits: np.ndarray, request: Request) -> int:
+        params = self._params.get(request.id)  # None once finished: a static batch still carries the row
+        if params is None or params.temperature == 0:
+            return int(logits[0].argmax())
+        return int(sample(logits, params.temperature, params.top_k, params.top_p, params.rng)[0])

@@ -1,0 +1,86 @@
+"""Token windows for calibration and evaluation, as the recipe's data section describes them.
+
+`synthetic` draws seeded random ids from the model's vocabulary; `text` reads a corpus (the standard
+library's sources or the user's files) through the source model's tokenizer, calibration from the
+corpus's train split and evaluation from its disjoint eval split; `jsonl` reads one text per line.
+"""
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from recipec.errors import PassError
+
+SPLITS = {"calibration": "train", "eval": "eval"}
+
+
+def corpus_spec(spec: dict[str, Any]) -> Any:
+    """The corpus a `text` data section names, in the form recipec.corpus takes."""
+    return spec["corpus"] if "corpus" in spec else {"text": spec["path"]}
+
+
+class RecipeData:
+    def __init__(self, data: dict[str, Any], model_dir: Path, base_dir: Path):
+        self.spec, self.model_dir, self.base_dir = data, model_dir, base_dir
+
+    def calibration(self) -> torch.Tensor:
+        return self._windows("calibration")
+
+    def eval(self) -> torch.Tensor:
+        return self._windows("eval")
+
+    @cached_property
+    def vocab_size(self) -> int:
+        return json.loads((self.model_dir / "config.json").read_text())["vocab_size"]
+
+    @cached_property
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(self.model_dir)
+        except (OSError, ValueError):
+            return None
+
+    def _windows(self, section: str) -> torch.Tensor:
+        cached = self.__dict__.setdefault("_cache", {})
+        if section not in cached:
+            cached[section] = self._make(section, self.spec[section])
+        return cached[section]
+
+    def _make(self, section: str, spec: dict[str, Any]) -> torch.Tensor:
+        if spec["source"] == "synthetic":
+            generator = torch.Generator().manual_seed(spec["seed"])
+            return torch.randint(0, self.vocab_size, (spec["samples"], spec["seq_len"]), generator=generator)
+        if self.tokenizer is None:
+            raise PassError(f"data.{section} reads text, but the model has no tokenizer; use source: synthetic")
+        if spec["source"] == "text":
+            from recipec.source.corpus import token_windows
+
+            return token_windows(self.tokenizer, corpus_spec(spec), SPLITS[section], spec["samples"],
+                                 spec["seq_len"], spec["seed"], self.base_dir)
+        return self._jsonl(section, spec)
+
+    def _jsonl(self, section: str, spec: dict[str, Any]) -> torch.Tensor:
+        path = self.base_dir / spec["path"]
+        ids: list[int] = []
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)[spec["field"]]
+            except (ValueError, KeyError, TypeError):
+                raise PassError(f"{path}:{number}: not a JSON object with a {spec['field']!r} string") from None
+            ids.extend(self.tokenizer(str(text))["input_ids"])
+            if self.tokenizer.eos_token_id is not None:
+                ids.append(self.tokenizer.eos_token_id)
+        if len(ids) < spec["seq_len"]:
+            raise PassError(f"data.{section}: {path} holds {len(ids)} tokens, fewer than seq_len={spec['seq_len']}")
+        stream = torch.tensor(ids, dtype=torch.long)
+        generator = torch.Generator().manual_seed(spec["seed"])
+        starts = torch.randint(0, len(ids) - spec["seq_len"] + 1, (spec["samples"],), generator=generator)
+        return torch.stack([stream[s:s + spec["seq_len"]] for s in starts.tolist()])

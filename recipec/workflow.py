@@ -1,0 +1,97 @@
+"""One build, end to end: run the plan's stages through the cache, stage out/<name>/ (variants, plan, manifest,
+deploy files), profile the variants into the report, then swap the staged directory into place.
+
+This is the orchestration layer: it calls down into build/, deploy/ and profile/, and nothing below calls it.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from recipec.build.cache import StageCache
+from recipec.build.outdir import manifest, recover_interrupted, remove_path, staging_dir, swap_into_place
+from recipec.build.stages import StageRun, run_stages
+from recipec.core import console
+from recipec.core.diskspace import require_free, tree_bytes
+from recipec.onnx.sessions import resolve_device
+from recipec.plan.stages import SOURCE, Plan
+
+
+@dataclass
+class BuildOptions:
+    out_root: Path = Path("out")
+    cache_root: Path | None = None
+    device: str | None = None  # overrides serving.device
+    force: bool = False
+    profile: bool = True
+
+
+@dataclass
+class BuildResult:
+    out_dir: Path
+    runs: dict[str, StageRun]
+    report: dict[str, Any] | None = None  # None when the build was not profiled
+
+    @property
+    def failed_gates(self) -> list[dict[str, Any]]:
+        return [g for g in self.report["gates"] if not g["passed"]] if self.report else []
+
+    @property
+    def gates_passed(self) -> bool:
+        return self.report["gates_passed"] if self.report else True
+
+
+def build(plan: Plan, options: BuildOptions) -> BuildResult:
+    console.quiet_libraries()
+    for warning in plan.warnings:
+        console.warn(warning)
+    recipe = plan.recipe
+    device = resolve_device(options.device or recipe.resolved["serving"]["device"])
+    cache = StageCache(options.cache_root, warn=console.warn)
+    final = options.out_root / recipe.name
+    recover_interrupted(final)
+    runs = run_stages(plan, cache, device, options.force)
+    variant_bytes = sum(tree_bytes(runs[s].entry.output) for s in plan.variants.values())
+    require_free(options.out_root, variant_bytes, f"out/{recipe.name}/")
+    staging = staging_dir(options.out_root, recipe.name)
+    try:
+        report = assemble(plan, runs, staging, device, options.profile)
+        swap_into_place(staging, final)
+    finally:
+        remove_path(staging)
+    return BuildResult(final, runs, report)
+
+
+def assemble(plan: Plan, runs: dict[str, StageRun], staging: Path, device: str, profile: bool) -> dict[str, Any] | None:
+    """Fill the staging directory; returns the report (None without profiling)."""
+    from recipec.deploy.files import write_deploy_files
+
+    for variant, stage_id in plan.variants.items():
+        shutil.copytree(runs[stage_id].entry.output, staging / "variants" / variant)
+    (staging / "plan.json").write_text(json.dumps(plan.to_json(), indent=2) + "\n")
+    build_manifest = manifest(plan, runs, device)
+    (staging / "manifest.json").write_text(json.dumps(build_manifest, indent=2) + "\n")
+    write_deploy_files(staging, build_manifest, device, warn=console.warn)
+    if not profile:
+        return None
+    from recipec.profile.report import write_report
+
+    report = profile_build(plan, runs, staging, device)
+    write_report(staging, report)
+    return report
+
+
+def profile_build(plan: Plan, runs: dict[str, StageRun], staging: Path, device: str) -> dict[str, Any]:
+    """The report of a build's variants, measured from the staged copies against the cached source model."""
+    from recipec.profile.variants import profile_variants
+
+    recipe = plan.recipe
+    stages = [{"id": r.stage.id, "op": r.stage.op, "seconds": r.entry.meta["seconds"], "cached": r.cached}
+              for r in runs.values()]
+    return profile_variants(
+        name=recipe.name, sha256=recipe.sha256, recipe_path=str(recipe.file), resolved=recipe.resolved,
+        variants={v: staging / "variants" / v for v in plan.variants}, source_dir=runs[SOURCE].entry.output,
+        base_dir=recipe.base_dir, device=device, stages=stages)
