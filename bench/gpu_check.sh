@@ -113,8 +113,8 @@ import json, sys
 import torch
 sys.path.insert(0, "bench")
 from common import decode_step_bytes, mbu
-from recipec.hardware import known_gpu
-from recipec.metrics import ModelCost, decode_flops, prefill_flops
+from recipec.profile.hardware import known_gpu
+from recipec.profile.metrics import ModelCost, decode_flops, prefill_flops
 
 r = json.load(open(sys.argv[1]))
 c, P, O = r["cost"], r["prompt_tokens"], r["output_tokens"]
