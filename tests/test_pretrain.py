@@ -199,3 +199,35 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
     assert factors[:10] == sorted(factors[:10]) and factors[9] == 1.0
     assert factors[10:] == sorted(factors[10:], reverse=True)
     assert factors[-1] == pytest.approx(0.1)
+
+
+def test_jsonl_calibration_and_eval_records_are_disjoint(tmp_path):
+    """Calibration (which distillation trains on) and eval draw from disjoint records of one jsonl file."""
+    import random
+
+    from conftest import make_tiny_model
+
+    from recipec.source.data import RecipeData, jsonl_split
+
+    rng = random.Random(0)
+    texts = [" ".join(f"w{rng.randrange(3, 256)}" for _ in range(12)) for _ in range(200)]
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t}) for t in texts + texts[:10]) + "\n")  # duplicates included
+    split = jsonl_split(path, "text")
+    assert split["train"] and split["eval"] and not set(split["train"]) & set(split["eval"])
+    assert set(split["train"]) | set(split["eval"]) == set(texts)
+
+    make_tiny_model("llama", tmp_path / "model", tokenizer=True)
+    section = {"source": "jsonl", "path": "data.jsonl", "field": "text", "samples": 16, "seq_len": 8, "seed": 0}
+    data = RecipeData({"calibration": section, "eval": {**section, "seed": 1}}, tmp_path / "model", tmp_path)
+
+    def stream(records: list[str]) -> str:  # the split's token stream as text, records joined by EOS as the reader does
+        eos = data.tokenizer.eos_token_id
+        return " " + " ".join(" ".join(map(str, data.tokenizer(t)["input_ids"] + [eos])) for t in records) + " "
+
+    def inside(row, text: str) -> bool:
+        return f" {' '.join(map(str, row.tolist()))} " in text
+
+    train, held_out = stream(split["train"]), stream(split["eval"])
+    assert all(inside(row, held_out) and not inside(row, train) for row in data.eval())
+    assert all(inside(row, train) and not inside(row, held_out) for row in data.calibration())

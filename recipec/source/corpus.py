@@ -91,16 +91,20 @@ def _hash_percent(rel: str) -> int:
     return int.from_bytes(hashlib.sha256(rel.encode()).digest()[:8], "big") % 100
 
 
-def _split(rels: list[str]) -> dict[str, list[str]]:
-    if len(rels) < 2:
-        raise PassError(f"a corpus needs at least 2 files to form disjoint train and eval splits, got {rels}")
-    eval_set = {r for r in rels if _hash_percent(r) < EVAL_PERCENT}
+def split_disjoint(keys: list[str], what: str = "files") -> dict[str, list[str]]:
+    """Train and eval by a hash of each key (a file's relative path, a record's text): stable, disjoint (equal
+    keys land on the same side), and each side non-empty."""
+    distinct = sorted(set(keys))
+    if len(distinct) < 2:
+        raise PassError(f"a corpus needs at least 2 {what} to form disjoint train and eval splits, got "
+                        f"{len(distinct)}")
+    eval_set = {k for k in distinct if _hash_percent(k) < EVAL_PERCENT}
     if not eval_set:
-        # Small corpora can hash entirely into train; the file with the lowest hash keeps eval non-empty.
-        eval_set = {min(rels, key=lambda r: (_hash_percent(r), r))}
-    if len(eval_set) == len(rels):
+        # Small corpora can hash entirely into train; the key with the lowest hash keeps eval non-empty.
+        eval_set = {min(distinct, key=lambda k: (_hash_percent(k), k))}
+    if len(eval_set) == len(distinct):
         eval_set.discard(max(eval_set))
-    return {"train": [r for r in rels if r not in eval_set], "eval": [r for r in rels if r in eval_set]}
+    return {"train": [k for k in keys if k not in eval_set], "eval": [k for k in keys if k in eval_set]}
 
 
 def resolve_files(spec: Any, split: Split, base_dir: Path) -> list[Path]:
@@ -108,12 +112,12 @@ def resolve_files(spec: Any, split: Split, base_dir: Path) -> list[Path]:
     if split not in SPLITS:
         raise PassError(f"split must be one of {SPLITS}, got {split!r}")
     root, rels = _all_files(spec, base_dir)
-    return [root / r for r in _split(rels)[split]]
+    return [root / r for r in split_disjoint(rels)[split]]
 
 
 def file_counts(spec: Any, base_dir: Path) -> dict[str, int]:
     _, rels = _all_files(spec, base_dir)
-    return {split: len(files) for split, files in _split(rels).items()}
+    return {split: len(files) for split, files in split_disjoint(rels).items()}
 
 
 def corpus_fingerprint(spec: Any, base_dir: Path) -> str:

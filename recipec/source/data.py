@@ -2,7 +2,9 @@
 
 `synthetic` draws seeded random ids from the model's vocabulary; `text` reads a corpus (the standard
 library's sources or the user's files) through the source model's tokenizer, calibration from the
-corpus's train split and evaluation from its disjoint eval split; `jsonl` reads one text per line.
+corpus's train split and evaluation from its disjoint eval split; `jsonl` reads one text per line, and splits
+the records the same way (by a hash of each record's text), so that no eval window holds text that
+calibration (or distillation, which trains on it) saw.
 """
 from __future__ import annotations
 
@@ -14,12 +16,13 @@ from typing import Any
 import torch
 
 from recipec.errors import PassError
+from recipec.source.corpus import split_disjoint, token_windows
 
 SPLITS = {"calibration": "train", "eval": "eval"}
 
 
 def corpus_spec(spec: dict[str, Any]) -> Any:
-    """The corpus a `text` data section names, in the form recipec.corpus takes."""
+    """The corpus a `text` data section names, in the form recipec.source.corpus takes."""
     return spec["corpus"] if "corpus" in spec else {"text": spec["path"]}
 
 
@@ -59,8 +62,6 @@ class RecipeData:
         if self.tokenizer is None:
             raise PassError(f"data.{section} reads text, but the model has no tokenizer; use source: synthetic")
         if spec["source"] == "text":
-            from recipec.source.corpus import token_windows
-
             return token_windows(self.tokenizer, corpus_spec(spec), SPLITS[section], spec["samples"],
                                  spec["seq_len"], spec["seed"], self.base_dir)
         return self._jsonl(section, spec)
@@ -68,19 +69,27 @@ class RecipeData:
     def _jsonl(self, section: str, spec: dict[str, Any]) -> torch.Tensor:
         path = self.base_dir / spec["path"]
         ids: list[int] = []
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)[spec["field"]]
-            except (ValueError, KeyError, TypeError):
-                raise PassError(f"{path}:{number}: not a JSON object with a {spec['field']!r} string") from None
-            ids.extend(self.tokenizer(str(text))["input_ids"])
+        for text in jsonl_split(path, spec["field"])[SPLITS[section]]:
+            ids.extend(self.tokenizer(text)["input_ids"])
             if self.tokenizer.eos_token_id is not None:
                 ids.append(self.tokenizer.eos_token_id)
         if len(ids) < spec["seq_len"]:
-            raise PassError(f"data.{section}: {path} holds {len(ids)} tokens, fewer than seq_len={spec['seq_len']}")
+            raise PassError(f"data.{section}: the {SPLITS[section]} records of {path} hold {len(ids)} tokens, "
+                            f"fewer than seq_len={spec['seq_len']}")
         stream = torch.tensor(ids, dtype=torch.long)
         generator = torch.Generator().manual_seed(spec["seed"])
         starts = torch.randint(0, len(ids) - spec["seq_len"] + 1, (spec["samples"],), generator=generator)
         return torch.stack([stream[s:s + spec["seq_len"]] for s in starts.tolist()])
+
+
+def jsonl_split(path: Path, field: str) -> dict[str, list[str]]:
+    """The texts of a JSON-lines file, split into disjoint train and eval records."""
+    texts = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            texts.append(str(json.loads(line)[field]))
+        except (ValueError, KeyError, TypeError):
+            raise PassError(f"{path}:{number}: not a JSON object with a {field!r} string") from None
+    return split_disjoint(texts, what=f"distinct records (in {path})")
