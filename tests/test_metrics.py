@@ -1,6 +1,8 @@
 """Metric arithmetic on recorded timestamps, checked against values computed by hand."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from recipec.runtime.records import RequestRecord, StepRecord
@@ -65,6 +67,15 @@ def test_prefill_flops_equal_the_sum_of_per_token_flops():
     assert COST.kv_bytes_per_token == 2 * 2 * 2 * 8 * 2
     assert prefill_flops(COST, 3) == pytest.approx(2136)  # 2·100·3 + 128·3·4
     assert prefill_flops(COST, 7) == pytest.approx(sum(decode_flops(COST, t) for t in range(1, 8)))
+
+
+def test_prefill_flops_count_the_lm_head_only_where_logits_are_computed():
+    """The runtime asks for the last prompt position's logits: the head runs once per prompt, not n times."""
+    last_only = dataclasses.replace(COST, head_params=40, head_last_position_only=True)
+    every = dataclasses.replace(COST, head_params=40)
+    assert prefill_flops(every, 7) == pytest.approx(prefill_flops(COST, 7))
+    assert prefill_flops(last_only, 7) == pytest.approx(prefill_flops(COST, 7) - 2 * 40 * 6)
+    assert prefill_flops(last_only, 3) == pytest.approx(2 * 60 * 3 + 2 * 40 * 1 + 2 * 2 * 4 * 8 * 3 * 4)  # 1976
 
 
 def test_mbu_and_mfu():

@@ -27,6 +27,8 @@ class ModelCost:
     num_kv_heads: int
     head_dim: int
     kv_bytes_per_elem: int
+    head_params: int = 0  # the LM head's (vocab x hidden), part of active_params
+    head_last_position_only: bool = False  # the runtime asks for the last prompt position's logits only
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -123,8 +125,11 @@ def throughput_summary(records: Sequence[RequestRecord], slo: dict[str, float] |
 
 def prefill_flops(cost: ModelCost, n: int) -> float:
     """2·P per token for the matmuls, plus QKᵀ and AV over the causal triangle:
-    Σ_{t=1..n} 4·L·H·d·t = 2·L·H·d·n(n+1)."""
-    return 2.0 * cost.active_params * n + 2.0 * cost.num_layers * cost.num_heads * cost.head_dim * n * (n + 1)
+    Σ_{t=1..n} 4·L·H·d·t = 2·L·H·d·n(n+1). The LM head runs for the positions whose logits are computed:
+    the last one only where the runtime asks for that (logits_to_keep = 1), else all n."""
+    head_positions = 1 if cost.head_last_position_only else n
+    return (2.0 * (cost.active_params - cost.head_params) * n + 2.0 * cost.head_params * head_positions
+            + 2.0 * cost.num_layers * cost.num_heads * cost.head_dim * n * (n + 1))
 
 
 def decode_flops(cost: ModelCost, ctx: int) -> float:

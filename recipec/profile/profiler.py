@@ -148,7 +148,9 @@ def model_cost(art: dict[str, Any]) -> ModelCost:
     return ModelCost(weight_bytes_per_step=int(round((w["bytes"] - w["embedding_bytes"]) * share)),
                      active_params=int(active), num_layers=int(kv["num_layers"]),
                      num_heads=int(m["num_attention_heads"]), num_kv_heads=int(kv["num_kv_heads"]),
-                     head_dim=int(kv["head_dim"]), kv_bytes_per_elem=np.dtype(kv["dtype"]).itemsize)
+                     head_dim=int(kv["head_dim"]), kv_bytes_per_elem=np.dtype(kv["dtype"]).itemsize,
+                     head_params=int(m["vocab_size"]) * int(m["hidden_size"]) if m.get("hidden_size") else 0,
+                     head_last_position_only=(art.get("logits") or {}).get("mode") == "selectable")
 
 
 def summarize_raw(raw: dict[str, Any], cost: ModelCost | None, peaks: Peaks | None, slo: dict | None) -> dict[str, Any]:
