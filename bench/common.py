@@ -298,20 +298,6 @@ def mbu(step_bytes: float, tpot_ms: float | None, bandwidth_gb_s: float | None) 
     return step_bytes / (tpot_ms / 1e3) / (bandwidth_gb_s * 1e9)
 
 
-def llc_bytes() -> int | None:
-    """The largest CPU cache (the last level) that sysfs reports for cpu0, in bytes."""
-    best = None
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-        try:
-            text = (index / "size").read_text().strip()
-        except OSError:
-            continue
-        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-        size = int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
-        best = max(best or 0, size)
-    return best
-
-
 def copy_bandwidth(nbytes: int, budget_s: float = 1.0) -> float:
     """GB/s of copying an nbytes float32 buffer (read + write bytes, STREAM's convention), best of repeats
     within budget_s: with nbytes well inside the last-level cache this is the cache's bandwidth."""

@@ -630,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from recipec.profile.hardware import hardware_info, measure_bandwidth
+    from recipec.profile.hardware import hardware_info, last_level_cache_bytes, measure_bandwidth
 
     t0 = time.perf_counter()
     started_at = dt.datetime.now().astimezone()
@@ -650,11 +650,11 @@ def main(argv: list[str] | None = None) -> int:
     if "reference" in wanted:
         models.append(bench_model("reference", RECIPES / "reference.yaml", args, phases, log_dir))
 
-    bw.append(measure_bandwidth("cpu"))
+    bw.append(measure_bandwidth("cpu", last_level_cache_bytes()))
     bw += [(m["recipec_build"]["measured_bandwidth_gb_s"], "recipec build's hardware_info")
            for m in models if m["recipec_build"]["measured_bandwidth_gb_s"]]
     best_bw = max(bw, key=lambda x: x[0])
-    llc = {"bytes": C.llc_bytes()}
+    llc = {"bytes": last_level_cache_bytes()}
     if llc["bytes"]:
         llc["buffer_bytes"] = min(llc["bytes"] // 8, 64 << 20)
         llc["bandwidth_gb_s"] = C.copy_bandwidth(llc["buffer_bytes"])

@@ -95,3 +95,23 @@ def test_mbu_and_mfu():
 def test_summarize_run_without_cost_has_no_efficiency():
     s = summarize_run(RECORDS, [], None, None)
     assert "mbu" not in s and s["completed"] == 3
+
+
+def test_a_decode_step_that_fits_in_the_last_level_cache_is_flagged():
+    steps = [StepRecord("decode", 0.0, 0.010, ctx=[5, 10], rows=2, padded_len=10)]
+    step_bytes = 1000 + 2 * 10 * 128  # weights + two rows' padded cache: 3560 bytes
+    fits = efficiency(steps, COST, Peaks(1.0, 1e-3, last_level_cache_bytes=step_bytes), tpot_mean_ms=10.0)
+    spills = efficiency(steps, COST, Peaks(1.0, 1e-3, last_level_cache_bytes=step_bytes - 1), tpot_mean_ms=10.0)
+    unknown = efficiency(steps, COST, Peaks(1.0, 1e-3), tpot_mean_ms=10.0)
+    assert (fits["cache_resident"], spills["cache_resident"], unknown["cache_resident"]) == (True, False, None)
+    assert fits["mbu"] == pytest.approx(step_bytes / 0.010 / 1e9)  # shown all the same
+
+
+def test_the_bandwidth_buffer_is_far_past_the_last_level_cache():
+    from recipec.profile.hardware import bandwidth_buffer_bytes, last_level_cache_bytes
+
+    assert bandwidth_buffer_bytes(None) == 1 << 30
+    assert bandwidth_buffer_bytes(32 << 20) == 1 << 30
+    assert bandwidth_buffer_bytes(256 << 20) == 2 << 30
+    llc = last_level_cache_bytes()
+    assert llc is None or llc >= 1 << 16

@@ -39,6 +39,7 @@ class ModelCost:
 class Peaks:
     bandwidth_gb_s: float
     tflops: float
+    last_level_cache_bytes: int | None = None  # CPU: a step whose bytes fit here is not bound by DRAM bandwidth
 
 
 def stats(values: Iterable[float]) -> dict[str, float] | None:
@@ -171,6 +172,9 @@ def efficiency(steps: Sequence[StepRecord], cost: ModelCost, peaks: Peaks,
         "decode_step_ms": (dec_t / len(dec) * 1000.0) if dec else None,
         "prefill_step_ms": (pre_t / len(pre) * 1000.0) if pre else None,
         "mean_decode_batch": float(np.mean([len(s.ctx) for s in dec])) if dec else None,
+        # MBU is still shown for these, flagged: their floor is the cache's bandwidth, not DRAM's
+        "cache_resident": (mean_bytes <= peaks.last_level_cache_bytes
+                           if mean_bytes and peaks.last_level_cache_bytes else None),
     }
 
 

@@ -203,7 +203,7 @@ def profile_variant(variant_dir: Path | str, serving_spec: dict[str, Any], devic
 def _peaks(hardware: dict[str, Any] | None) -> Peaks | None:
     if not hardware or not hardware.get("peak_bandwidth_gb_s") or not hardware.get("peak_tflops"):
         return None
-    return Peaks(hardware["peak_bandwidth_gb_s"], hardware["peak_tflops"])
+    return Peaks(hardware["peak_bandwidth_gb_s"], hardware["peak_tflops"], hardware.get("last_level_cache_bytes"))
 
 
 if __name__ == "__main__":
