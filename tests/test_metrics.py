@@ -115,3 +115,10 @@ def test_the_bandwidth_buffer_is_far_past_the_last_level_cache():
     assert bandwidth_buffer_bytes(256 << 20) == 2 << 30
     llc = last_level_cache_bytes()
     assert llc is None or llc >= 1 << 16
+
+
+def test_known_gpus_tell_nvl_from_sxm():
+    from recipec.profile.hardware import known_gpu
+
+    assert known_gpu("NVIDIA H200 NVL")["tflops"] == 835 and known_gpu("NVIDIA H200")["tflops"] == 989
+    assert known_gpu("NVIDIA H100 NVL")["bw"] == 3900 and known_gpu("NVIDIA H100 80GB HBM3")["bw"] == 3350

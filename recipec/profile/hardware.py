@@ -17,6 +17,9 @@ from typing import Any, Callable
 # Dense (no 2:4 sparsity) fp16/bf16 tensor-core TFLOP/s and HBM/GDDR bandwidth, from NVIDIA's datasheets.
 # Ordered: the first pattern that matches torch.cuda.get_device_name() wins (PCIe/NVL before SXM).
 KNOWN_GPUS: list[tuple[str, dict[str, Any]]] = [
+    (r"H200.*NVL", {"name": "H200 NVL 141GB", "bw": 4800, "tflops": 835,
+                    "source": "NVIDIA H200 Tensor Core GPU datasheet (NVL): 4.8 TB/s, 1,671 TFLOP/s FP16 with "
+                              "sparsity = 835 dense"}),
     (r"H200", {"name": "H200 SXM 141GB", "bw": 4800, "tflops": 989,
                "source": "NVIDIA H200 Tensor Core GPU datasheet (SXM): 4.8 TB/s, 989 TFLOP/s dense FP16/BF16"}),
     (r"H100.*PCIe", {"name": "H100 PCIe 80GB", "bw": 2000, "tflops": 756,
