@@ -16,6 +16,7 @@ from recipec.build.outdir import manifest, recover_interrupted, remove_path, sta
 from recipec.build.stages import StageRun, run_stages
 from recipec.core import console
 from recipec.core.diskspace import require_free, tree_bytes
+from recipec.core.memory import release
 from recipec.onnx.sessions import resolve_device
 from recipec.plan.stages import SOURCE, Plan
 
@@ -79,6 +80,7 @@ def assemble(plan: Plan, runs: dict[str, StageRun], staging: Path, device: str, 
         return None
     from recipec.profile.report import write_report
 
+    release()  # what the last stage freed, before profiling loads the source model
     report = profile_build(plan, runs, staging, device)
     write_report(staging, report)
     return report
@@ -89,8 +91,8 @@ def profile_build(plan: Plan, runs: dict[str, StageRun], staging: Path, device: 
     from recipec.profile.variants import profile_variants
 
     recipe = plan.recipe
-    stages = [{"id": r.stage.id, "op": r.stage.op, "seconds": r.entry.meta["seconds"], "cached": r.cached}
-              for r in runs.values()]
+    stages = [{"id": r.stage.id, "op": r.stage.op, "seconds": r.entry.meta["seconds"], "cached": r.cached,
+               "peak_rss_mb": r.entry.meta.get("peak_rss_mb")} for r in runs.values()]
     return profile_variants(
         name=recipe.name, sha256=recipe.sha256, recipe_path=str(recipe.file), resolved=recipe.resolved,
         variants={v: staging / "variants" / v for v in plan.variants}, source_dir=runs[SOURCE].entry.output,

@@ -79,6 +79,11 @@ def test_first_build_writes_variants_manifest_plan_and_a_valid_report(first_buil
     validate_report(report)
     assert set(report["variants"]) == {"baseline", "ex17"}
     assert (out / "report.md").read_text().startswith("# recipec report: tiny")
+    # each stage's peak memory, in the manifest and in the report's build stages
+    peaks = {s["id"]: s["peak_rss_mb"] for s in manifest["stages"]}
+    assert all(p > 100 for p in peaks.values()), peaks
+    assert {s["id"]: s["peak_rss_mb"] for s in report["build"]["stages"]} == peaks
+    assert "| peak RSS |" in (out / "report.md").read_text()
     assert len(re.findall(r"^\s+running\s", result.stderr, re.M)) == 3
 
 
@@ -86,12 +91,16 @@ def test_cached_rebuild_runs_no_pass_and_is_byte_identical(workspace):
     tmp, recipe, env = workspace
     out = tmp / "out" / "tiny"
     before = model_bytes(out)
+    first = json.loads((out / "manifest.json").read_text())["stages"]
     second = recipec("build", str(recipe), "--out", str(tmp / "out"), "--no-profile", env=env)
     assert second.returncode == 0, second.stderr
     assert "running" not in second.stderr
     assert len(re.findall(r"^\s+cached\s", second.stderr, re.M)) == 3, second.stderr
     assert model_bytes(out) == before
-    assert all(s["cached"] for s in json.loads((out / "manifest.json").read_text())["stages"])
+    stages = json.loads((out / "manifest.json").read_text())["stages"]
+    assert all(s["cached"] for s in stages)
+    # a cached stage reports the peak of the run that built it
+    assert [s["peak_rss_mb"] for s in stages] == [s["peak_rss_mb"] for s in first]
 
 
 def test_forced_rebuild_reruns_every_stage_and_is_byte_identical(workspace):

@@ -114,3 +114,56 @@ def test_a_drift_past_the_tolerance_fails_the_stage(exported, tmp_path):
 def test_missing_input_graph_is_a_clear_error(tmp_path):
     with pytest.raises(PassError, match="artifact.json|model.onnx"):
         run_fuse(tmp_path, tmp_path / "out")
+
+
+def test_the_optimizer_prints_nothing_and_is_told_the_real_widths(exported, tmp_path, capfd, monkeypatch):
+    """It once printed "Please specify parameters of num_heads and hidden_size for model_type gpt2" for qwen2."""
+    from recipec.onnx.fusions import pipeline
+
+    asked: list[tuple[int, int]] = []
+    real = pipeline.optimize_model
+
+    def spy(model, **kwargs):
+        asked.append((kwargs["num_heads"], kwargs["hidden_size"]))
+        return real(model, **kwargs)
+
+    monkeypatch.setattr(pipeline, "optimize_model", spy)
+    messages: list[str] = []
+    source = exported("qwen2")[0]
+    capfd.readouterr()  # the export's own output
+    run_fuse(source, tmp_path, log=messages.append)
+    out, err = capfd.readouterr()
+    config = artifact.read_artifact(source)["model"]
+    assert asked == [(config["num_attention_heads"], config["hidden_size"])]
+    assert out == "" and err == "", (out, err)
+    assert not any("onnxruntime.transformers" in m for m in messages), messages
+
+
+def test_what_the_optimizer_says_goes_to_the_stage_log_named_and_its_chatter_nowhere(exported, tmp_path, capfd,
+                                                                                      monkeypatch):
+    import logging
+    import os
+
+    from recipec.onnx.fusions import pipeline
+
+    real = pipeline.optimize_model
+
+    def talkative(model, **kwargs):
+        logging.getLogger("fusion_skiplayernorm").warning("skip layer norm fusion found a mismatched shape")
+        logging.getLogger("onnxruntime.transformers.optimizer").info("fused SkipLayerNormalization: 4")
+        print("failed in shape inference <class 'AssertionError'>")
+        os.write(1, b"a native line\n")
+        print("Removed 3 initializers with duplicated value")
+        return real(model, **kwargs)
+
+    monkeypatch.setattr(pipeline, "optimize_model", talkative)
+    messages: list[str] = []
+    source = exported("llama")[0]
+    capfd.readouterr()
+    run_fuse(source, tmp_path, log=messages.append)
+    out, err = capfd.readouterr()
+    assert out == "" and err == "", (out, err)
+    said = [m for m in messages if m.startswith("fuse: onnxruntime.transformers: ")]
+    assert [m.split(": ", 2)[2] for m in said] == ["skip layer norm fusion found a mismatched shape",
+                                                   "failed in shape inference <class 'AssertionError'>",
+                                                   "a native line"], messages

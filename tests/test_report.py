@@ -46,7 +46,8 @@ def fake_variant(speed: float, name: str) -> dict:
 def report():
     variants = {"baseline": fake_variant(1.0, "baseline"), "int4": fake_variant(4.0, "int4")}
     gates = [{"metric": "tpot_ms.p50", "max": 5, "variant": "int4"}, {"metric": "top1_agreement", "min": 0.99}]
-    stages = [{"id": "source", "op": "source", "seconds": 1.5, "cached": True}, {"id": "int4", "op": "quantize", "seconds": 3.2}]
+    stages = [{"id": "source", "op": "source", "seconds": 1.5, "cached": True, "peak_rss_mb": 2048.0},
+              {"id": "int4", "op": "quantize", "seconds": 3.2, "peak_rss_mb": None}]
     return build_report({"name": "tiny", "sha256": "ab" * 32}, HW, variants, gates, stages, {"numpy": np.__version__})
 
 
@@ -82,6 +83,9 @@ def test_write_report_files_and_markdown(report, tmp_path):
     assert "−75%" in md  # int4's TPOT at a quarter of baseline's, on every run
     assert "❌" in md and "top1_agreement" in md and "static batching, concurrency 4" in md
     assert "![latency_vs_throughput](plots/latency_vs_throughput.png)" in md
+    # the build stages with their peak memory (none recorded for the second: a cache entry from before it was)
+    assert "| stage | op | seconds | peak RSS |  |" in md
+    assert "| source | source | 1.5 | 2.0 GiB | cached |" in md and "| int4 | quantize | 3.2 | – |  |" in md
 
 
 def test_delta_format():
@@ -162,10 +166,34 @@ def test_end_to_end_profile_of_a_tiny_exported_model(tmp_path):
     assert report["gates_passed"]
 
 
-def test_peak_memory_catches_a_freed_allocation():
-    from recipec.profile.memory import PeakMemory, _rss_mb
+def test_source_reference_spools_the_same_logits_and_frees_the_model(tmp_path):
+    import gc
+    import warnings
 
-    before = _rss_mb()
+    from transformers import PreTrainedModel
+
+    from recipec.profile.quality import SpooledLogits, source_reference
+
+    model_dir, _ = _tiny_llama_variant(tmp_path)
+    eval_tokens = np.random.default_rng(1).integers(0, 256, size=(3, 12))
+    held = source_reference(model_dir, eval_tokens)["logits"]
+    spooled = source_reference(model_dir, eval_tokens, spool=tmp_path / "logits.f32")["logits"]
+    assert isinstance(spooled, SpooledLogits) and spooled.shape == held.shape and len(spooled) == 3
+    assert all(np.array_equal(a, b) for a, b in zip(spooled, held))
+    # the profiling process holds no source model once the reference is computed (gc: only cycles could)
+    gc.collect()
+    with warnings.catch_warnings():  # isinstance on some of torch's objects warns of their deprecation
+        warnings.simplefilter("ignore")
+        assert not [o for o in gc.get_objects() if isinstance(o, PreTrainedModel)]
+    tokens = eval_tokens
+    assert logit_quality(tokens, iter(held), spooled) == logit_quality(tokens, held, held)
+
+
+def test_peak_memory_catches_a_freed_allocation():
+    from recipec.core.memory import rss_mb
+    from recipec.profile.memory import PeakMemory
+
+    before = rss_mb()
     with PeakMemory("cpu") as mem:
         block = np.ones(100 * 2**20 // 8)  # 100 MiB, touched, then freed before the block ends
         del block

@@ -1,7 +1,7 @@
 """A content-addressed store of stage outputs, keyed by the stage's cache key.
 
 Layout: <root>/stages/<key>/output/ (what the stage wrote) and <root>/stages/<key>/entry.json
-(the sha256 of every output file, the stage's metrics and time). An entry appears only by an atomic
+(the sha256 of every output file, the stage's metrics, time and peak memory). An entry appears only by an atomic
 rename of a finished temporary directory, so a killed build leaves at most a stale temporary
 directory (removed by the next run), never a half-written entry. Every read re-hashes the files:
 a truncated or altered entry is reported, discarded and rebuilt. Two builds of one key at once are
@@ -103,10 +103,12 @@ class StageCache:
         (work / "output").mkdir(parents=True)
         return work
 
-    def commit(self, key: str, work: Path, metrics: dict[str, Any], seconds: float) -> Entry:
+    def commit(self, key: str, work: Path, metrics: dict[str, Any], seconds: float,
+               extra: dict[str, Any] | None = None) -> Entry:
+        """`extra`: more of the run that made the entry (its peak memory), kept beside its metrics and time."""
         output = work / "output"
         meta = {"key": key, "files": tree_digest(output), "metrics": metrics, "seconds": round(seconds, 3),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(extra or {})}
         with open(work / ENTRY, "w") as handle:
             json.dump(meta, handle, indent=1, sort_keys=True)
             handle.flush()

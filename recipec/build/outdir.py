@@ -39,13 +39,20 @@ def manifest(plan: Plan, runs: dict[str, StageRun], device: str) -> dict[str, An
             {"id": r.stage.id, "op": r.stage.op, "params": r.stage.params, "after": r.stage.parents,
              "implicit": r.stage.implicit, "key": r.stage.key, "cached": r.cached,
              "seconds": r.entry.meta["seconds"], "output_sha256": sha256_text(canonical(r.entry.meta["files"])),
-             "files": r.entry.meta["files"], "metrics": r.entry.meta["metrics"]}
+             "files": r.entry.meta["files"], "metrics": r.entry.meta["metrics"], **stage_memory(r)}
             for r in runs.values()
         ],
         # a variant is a copy of its stage's cache entry, whose files the cache verified against these digests
         "variants": {v: {"stage": s, "files": runs[s].entry.meta["files"]} for v, s in plan.variants.items()},
         "warnings": plan.warnings,
     }
+
+
+def stage_memory(run: StageRun) -> dict[str, Any]:
+    """The peak resident set of the run that built the stage (a cached stage's comes from its cache entry;
+    entries from before recipec recorded it have none), how it was measured, and what was estimated for it."""
+    meta = run.entry.meta
+    return {k: meta.get(k) for k in ("peak_rss_mb", "peak_rss_method", "memory_estimate_mb")}
 
 
 def swap_into_place(staging: Path, final: Path) -> None:

@@ -88,9 +88,15 @@ def _build_md(report: dict[str, Any]) -> list[str]:
     build = report.get("build")
     if not build:
         return []
-    rows = [[s["id"], s.get("op", ""), f"{s['seconds']:.1f}", "cached" if s.get("cached") else ""] for s in build["stages"]]
-    return ["## Build stages", "", _table(["stage", "op", "seconds", ""], rows), "",
-            f"Total {build['total_seconds']:.1f} s.", ""]
+    rows = [[s["id"], s.get("op", ""), f"{s['seconds']:.1f}", _mib(s.get("peak_rss_mb")),
+             "cached" if s.get("cached") else ""] for s in build["stages"]]
+    return ["## Build stages", "", _table(["stage", "op", "seconds", "peak RSS", ""], rows), "",
+            f"Total {build['total_seconds']:.1f} s. Peak RSS: the build process's peak resident set while the stage "
+            "ran; a cached stage shows the run that built it.", ""]
+
+
+def _mib(mb: float | None) -> str:
+    return fmt_bytes(None if mb is None else mb * 2**20)
 
 
 def _hardware_md(report: dict[str, Any]) -> list[str]:

@@ -1,12 +1,15 @@
 """Peak memory over a serving run: this process's resident set on CPU, device memory in use on CUDA.
 
 On Linux the kernel's peak-RSS counter (VmHWM) is reset before each run by writing 5 to
-/proc/self/clear_refs; where that is refused, RSS is sampled every 5 ms.
+/proc/self/clear_refs (the serving worker is a process of its own, so no one else reads its mark); where that
+is refused, RSS is sampled every 5 ms. The readers are recipec.core.memory's.
 """
 from __future__ import annotations
 
 import threading
 from typing import Callable
+
+from recipec.core.memory import reset_peak_mark, rss_mb, vm_hwm_mb
 
 
 class PeakMemory:
@@ -18,12 +21,12 @@ class PeakMemory:
         self._thread: threading.Thread | None = None
 
     def __enter__(self):
-        self._hwm = _reset_hwm()
+        self._hwm = reset_peak_mark()
         self._samples: list[float] = []
         if self.device == "cuda":
             self._read, self._interval, self._how = _gpu_reader()
         else:
-            self._read, self._interval, self._how = _rss_mb, 0.005, "RSS sampled every 5 ms"
+            self._read, self._interval, self._how = rss_mb, 0.005, "RSS sampled every 5 ms"
         if self.device == "cuda" or not self._hwm:
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
@@ -42,7 +45,7 @@ class PeakMemory:
             self._thread.join()
         if self.device != "cuda" and not self._hwm:
             self._samples.append(self._read())  # a run shorter than one interval still gets a sample
-        host = _vm_hwm_mb() if self._hwm else max(self._samples)
+        host = vm_hwm_mb() if self._hwm else max(self._samples)
         host_how = "VmHWM after reset (/proc/self/clear_refs)" if self._hwm else self._how
         if self.device == "cuda":
             self.peak_mb = max(self._samples) if self._samples else None
@@ -50,32 +53,6 @@ class PeakMemory:
         else:
             self.peak_mb, self.source = host, f"serving process peak resident set, {host_how}"
         return False
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _vm_hwm_mb() is not None
-    except OSError:
-        return False
-
-
-def _vm_hwm_mb() -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
-
-
-def _rss_mb() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
 
 
 def _gpu_reader() -> tuple[Callable[[], float | None], float, str]:

@@ -1,21 +1,25 @@
 """Quality of a variant against its source model: KL divergence, top-1 agreement and perplexity over the
-eval tokens, and greedy agreement of generated continuations. Evaluated in the calling process, where the
-source model's eval logits already are.
+eval tokens, and greedy agreement of generated continuations. Evaluated in the calling process, against the
+source model's eval logits computed once (`source_reference`) and read back a sequence at a time.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from recipec.core.memory import release
 from recipec.onnx.logits import log_softmax
 from recipec.runtime.engine import Engine, Policy, RealClock
 
 
-def logit_quality(tokens: np.ndarray, logits: Iterable[np.ndarray], source_logits: np.ndarray) -> dict[str, float]:
-    """tokens [N,T], logits [N,T,V] of the variant and of the source, next-token logits at each position.
+def logit_quality(tokens: np.ndarray, logits: Iterable[np.ndarray],
+                  source_logits: Iterable[np.ndarray]) -> dict[str, float]:
+    """tokens [N,T], logits [N,T,V] of the variant and of the source (each an array or rows one at a time),
+    next-token logits at each position.
     One sequence at a time: float64 log-softmax of a whole eval set of a 32k vocabulary would take GBs."""
     kl = top1 = nll = src_nll = 0.0
     for tok, ours, theirs in zip(np.asarray(tokens), logits, source_logits):
@@ -55,12 +59,12 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], n_new: int) -> list
     return [r.tokens for r in reqs]
 
 
-def evaluate_quality(model, eval_tokens: np.ndarray | None, source_logits: np.ndarray | None,
+def evaluate_quality(model, eval_tokens: np.ndarray | None, source_logits: Iterable[np.ndarray] | None,
                      source_greedy: dict[str, Any] | None) -> dict[str, Any]:
     q: dict[str, Any] = {"kl_divergence": None, "top1_agreement": None, "perplexity": None, "reason": None}
     if eval_tokens is not None and source_logits is not None:
         tokens = np.asarray(eval_tokens)
-        q.update(logit_quality(tokens, sequence_logits(model, tokens), np.asarray(source_logits)))
+        q.update(logit_quality(tokens, sequence_logits(model, tokens), source_logits))
     else:
         q["reason"] = "no source eval logits were given"
     if source_greedy:
@@ -80,19 +84,61 @@ def sequence_logits(model, tokens: np.ndarray) -> Iterator[np.ndarray]:
 
 
 def source_reference(model_dir: Path, eval_tokens: np.ndarray, prompts: Sequence[Sequence[int]] = (),
-                     n_new: int = 16) -> dict[str, Any]:
+                     n_new: int = 16, spool: Path | None = None) -> dict[str, Any]:
     """What profile_variant compares against, computed once from the source (transformers) model:
-    {"logits": [N,T,V] float32, "greedy": {"prompts", "tokens"} or None}."""
+    {"logits": [N,T,V] float32, "greedy": {"prompts", "tokens"} or None}. With `spool`, the logits are written
+    there and read back a sequence at a time (SpooledLogits): a 150k vocabulary makes 1.2 GB of them for 16 x 128
+    eval tokens, which the profiling process then does not hold while variants are served. The transformers
+    model is freed before this returns."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    tokens = np.asarray(eval_tokens)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
-        ids = torch.as_tensor(np.asarray(eval_tokens), dtype=torch.long)
-        logits = np.concatenate([model(ids[i:i + 1]).logits.float().numpy() for i in range(len(ids))])
+        ids = torch.as_tensor(tokens, dtype=torch.long)
+        rows = (model(ids[i:i + 1]).logits[0].float().numpy() for i in range(len(ids)))
+        logits = SpooledLogits.write(spool, rows, len(ids)) if spool is not None else _stack(rows, len(ids))
         toks = [_torch_greedy(model, p, n_new) for p in prompts]
+    del model
+    release()
     greedy = {"prompts": [list(p) for p in prompts], "tokens": toks} if prompts else None
     return {"logits": logits, "greedy": greedy}
+
+
+def _stack(rows: Iterator[np.ndarray], n: int) -> np.ndarray:
+    """Into one array allocated once (a list of rows and their concatenation would be two copies)."""
+    out = None
+    for i, row in enumerate(rows):
+        if out is None:
+            out = np.empty((n, *row.shape), np.float32)
+        out[i] = row
+    return out if out is not None else np.empty((0, 0, 0), np.float32)
+
+
+@dataclass(frozen=True)
+class SpooledLogits:
+    """[N,T,V] float32 logits in a file, read back one sequence at a time with plain reads (a memory map would
+    leave every page read resident in this process)."""
+    path: Path
+    shape: tuple[int, int, int]
+
+    @classmethod
+    def write(cls, path: Path, rows: Iterable[np.ndarray], n: int) -> "SpooledLogits":
+        shape = None
+        with open(path, "wb") as out:
+            for row in rows:
+                shape = shape or (n, *row.shape)
+                row.astype(np.float32, copy=False).tofile(out)
+        return cls(Path(path), shape or (0, 0, 0))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        with open(self.path, "rb") as f:
+            for _ in range(self.shape[0]):
+                yield np.fromfile(f, np.float32, self.shape[1] * self.shape[2]).reshape(self.shape[1:])
 
 
 def _torch_greedy(model, prompt: Sequence[int], n_new: int) -> list[int]:

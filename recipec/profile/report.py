@@ -34,6 +34,10 @@ METHODS = {
     "peak_memory_mb": "CPU: peak resident set (VmHWM) of a separate serving process, reset before each run; "
                       "CUDA: peak device memory in use (cudaMemGetInfo) sampled every 10 ms, plus the process's "
                       "peak RSS in peak_memory_source",
+    "stage_peak_rss_mb": "build stages: peak resident set of the build process while the stage ran: the kernel's "
+                         "peak mark (ru_maxrss) where the stage raised it, else the resident set sampled every 2 ms "
+                         "by a separate process; each stage starts after the previous one's memory is handed back "
+                         "(gc, malloc_trim)",
     "kl_divergence": "mean over eval positions of KL(source || variant) of next-token distributions, nats",
     "top1_agreement": "fraction of eval positions where the variant's argmax equals the source's",
     "perplexity": "exp(mean next-token NLL of the eval tokens); source_perplexity is the source model's; "
@@ -60,7 +64,7 @@ def build_report(recipe: dict[str, Any], hardware: dict[str, Any], variants: dic
                  gates: Iterable[dict[str, Any]] = (), stages: list[dict[str, Any]] | None = None,
                  environment: dict[str, str] | None = None) -> dict[str, Any]:
     """`recipe`: {name, sha256[, path]}; `variants`: id -> profile_variant() result; `gates`: the
-    recipe's gate list; `stages`: [{id, op, seconds, cached}] of the build."""
+    recipe's gate list; `stages`: [{id, op, seconds, cached, peak_rss_mb}] of the build."""
     report = {
         "schema_version": 1,
         "recipec_version": __version__,

@@ -6,6 +6,10 @@ What does the work (docs/onnx-passes.md has the detail):
 - onnxruntime.transformers' optimizer: RMSNorm/LayerNorm and their skip forms, FastGelu/BiasGelu, bias adds;
 - onnxruntime's own graph optimizer at the chosen level, saved offline (constant folding and more).
 The output is checked against the input graph on seeded inputs before the stage succeeds.
+
+Memory: the graph work holds the input's weights memory-mapped (plus the merged projections), the graph goes to
+onnxruntime through a file onnx-ir writes tensor by tensor, and each onnxruntime session is the one copy of the
+weights while it lives (recipec.onnx.fusions.pipeline has the detail).
 """
 from __future__ import annotations
 
@@ -13,10 +17,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from recipec.core.memory import release
 from recipec.core.params import prop
 from recipec.onnx import artifact
 from recipec.onnx.fusions import pipeline
@@ -69,20 +73,21 @@ PARAMS: dict[str, Any] = {
 }
 
 
-def _graph_fusions(proto: onnx.ModelProto, params: dict[str, Any], ctx: StageContext) -> tuple[onnx.ModelProto, dict]:
+def _graph_fusions(model: ir.Model, params: dict[str, Any], ctx: StageContext,
+                   config: dict[str, Any]) -> tuple[ir.Model, dict]:
     report = pipeline.FusionReport()
-    overridable = pipeline.detach_overridable(proto)
-    model = pipeline.prepare(proto, report)
+    overridable = pipeline.detach_overridable(model)
+    model = pipeline.prepare(model, report)
     if params["level"] != "basic":
         pipeline.fuse_attention(model, params["attention"], report, ctx.log)
         pipeline.unflatten_gemms(model, report)
         if params["merge_projections"]:
             pipeline.merge_projections(model, report)
     pipeline.reattach(model, overridable)
-    fused = ir.to_proto(model)
     if params["level"] != "basic":
-        fused = pipeline.ort_transformer_fusions(fused, params["provider"], ctx.log)
-    return fused, report.applied
+        model = pipeline.ort_transformer_fusions(model, params["provider"], ctx.log, int(config["num_attention_heads"]),
+                                                 int(config["hidden_size"]))
+    return model, report.applied
 
 
 def _ort_level(params: dict[str, Any], ctx: StageContext) -> ort.GraphOptimizationLevel:
@@ -96,13 +101,19 @@ def _ort_level(params: dict[str, Any], ctx: StageContext) -> ort.GraphOptimizati
     return ORT_LEVELS[level]
 
 
-def _save_optimized(proto: onnx.ModelProto, params: dict[str, Any], ctx: StageContext) -> Path:
+def _write(model: ir.Model, path: Path, external: bool) -> None:
+    """onnx-ir writes tensor by tensor, the weights external when the input's were (or when they would not fit
+    one protobuf)."""
+    if external:
+        ir.save(model, path, external_data="model.onnx.data", size_threshold_bytes=1024)
+    else:
+        ir.save(model, path)
+
+
+def _save_optimized(staged: Path, external: bool, params: dict[str, Any], ctx: StageContext) -> Path:
     """onnxruntime applies its own optimizations and writes the result as the stage's model.onnx."""
-    with tempfile.TemporaryDirectory(dir=ctx.output_dir) as scratch:
-        staged = sessions.save_model(proto, Path(scratch))
-        target = ctx.output_dir / "model.onnx"
-        sessions.session(staged, params["provider"], _ort_level(params, ctx), target,
-                        external=(Path(scratch) / "model.onnx.data").exists())
+    target = ctx.output_dir / "model.onnx"
+    sessions.session(staged, params["provider"], _ort_level(params, ctx), target, external=external)
     return target
 
 
@@ -117,11 +128,17 @@ def _check(params: dict[str, Any], source: Path, target: Path, tolerance: float)
     return diffs
 
 
-def _tolerance(params: dict[str, Any], proto: onnx.ModelProto) -> float:
+def _tolerance(params: dict[str, Any], model: ir.Model) -> float:
     if params["tolerance"] is not None:
         return params["tolerance"]
-    half = any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer)
+    half = any(v.const_value is not None and v.const_value.dtype == ir.DataType.FLOAT16
+               for v in model.graph.initializers.values())
     return FP16_TOLERANCE if half else FP32_TOLERANCE
+
+
+def _external(source: Path, model: ir.Model) -> bool:
+    weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    return (source.parent / "model.onnx.data").exists() or weights > sessions.EXTERNAL_DATA_BYTES
 
 
 def apply(ctx: StageContext) -> dict[str, Any]:
@@ -130,17 +147,20 @@ def apply(ctx: StageContext) -> dict[str, Any]:
     if not source.exists():
         raise PassError(f"fuse: {source} does not exist; fuse consumes an exported ONNX variant")
     base = artifact.read_artifact(ctx.input_dir)
-    proto = onnx.load(str(source))
-    before, tolerance = op_counts(ir.from_proto(proto)), _tolerance(params, proto)
-    io_types = onnx.ModelProto(graph=onnx.GraphProto(input=proto.graph.input, output=proto.graph.output))
-    with ctx.progress("fusing", total=None):
-        fused, applied = _graph_fusions(proto, params, ctx)
-        del proto
-        pipeline.restore_io_types(io_types, fused)
+    model = ir.load(str(source))  # the weights stay memory-mapped from model.onnx.data, when external
+    before, tolerance, external = op_counts(model), _tolerance(params, model), _external(source, model)
+    io_types = pipeline.io_types(model)
+    with ctx.progress("fusing", total=None), tempfile.TemporaryDirectory(dir=ctx.output_dir) as scratch:
+        model, applied = _graph_fusions(model, params, ctx, base["model"])
+        pipeline.restore_io_types(io_types, model)
         if params["provider"] == "cuda" and "GroupQueryAttention" in applied:
             ctx.log("fuse: GroupQueryAttention runs on CUDA in float16/bfloat16 only; follow with quantize "
                     "scheme: fp16")
-        target = _save_optimized(fused, params, ctx)
+        _write(model, Path(scratch) / "model.onnx", external)
+        del model  # onnxruntime's session is the one copy of the weights from here
+        release()
+        target = _save_optimized(Path(scratch) / "model.onnx", external, params, ctx)
+    release()
     with ctx.progress("checking fused graph", total=None):
         diffs = _check(params, source, target, tolerance)
     fused_model = ir.load(str(target))
