@@ -21,7 +21,8 @@ def register(sub) -> None:
     p.add_argument("--variant", action="append", help="profile only this variant (repeatable)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--workload", action="append", default=[], metavar="KEY=VALUE",
-                   help="override serving.workload (e.g. requests=8, concurrency=1,4) or batching (policy=static)")
+                   help="override serving.workload (e.g. requests=8, concurrency=1,4), batching (policy=static) or the "
+                        "SLO (slo.ttft_ms=200)")
     p.add_argument("--cache-dir", type=Path, help="stage cache holding the source model (for quality)")
     p.set_defaults(handler=cmd_profile)
 
@@ -85,8 +86,11 @@ def _override_serving(serving: dict[str, Any], overrides: list[str]) -> dict[str
         key, sep, text = item.partition("=")
         if not sep:
             raise UsageError(f"--workload {item!r}: expected KEY=VALUE")
-        section = "batching" if key in serving["batching"] or key == "policy" else "workload"
         value = [_number(v) for v in text.split(",")] if "," in text else _number(text)
+        if key.startswith("slo."):
+            serving.setdefault("slo", {})[key.removeprefix("slo.")] = value
+            continue
+        section = "batching" if key in serving["batching"] or key == "policy" else "workload"
         serving[section][key] = value
     schema = recipe_schema()["properties"]["serving"]
     try:

@@ -109,6 +109,13 @@ def _serving_section() -> dict[str, Any]:
                 "allOf": [{"if": {"properties": {"arrival": {"const": "poisson"}}, "required": ["arrival"]},
                            "then": {"required": ["rate_rps"]}}],
             },
+            "slo": {
+                "type": "object", "additionalProperties": False, "minProperties": 1,
+                "description": "Service-level objectives in milliseconds (any subset): a request that meets every one "
+                               "counts toward goodput_rps, reported for every serving run.",
+                "properties": {key: {"type": "number", "exclusiveMinimum": 0}
+                               for key in ("ttft_ms", "tpot_ms", "e2e_latency_ms")},
+            },
         },
     }
 
