@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,12 @@ from onnx import numpy_helper
 
 from recipec import cli
 from recipec.onnx import artifact
-from recipec.passes.onnx import quantize
+from recipec.passes.onnx import quantize, quantize_embeddings
 from recipec.passes.base import PassError
 
 VOCAB = 256
-# Fidelity the trained tiny model must keep per scheme (measured: KL 1.4e-4, 3.3e-4, 3.6e-3, 7e-8; top-1 >= 0.99).
+# Fidelity the trained tiny models must keep per scheme, embeddings quantized (measured: untied KL 2.2e-3, 1.7e-3,
+# 6.1e-3, 1e-7, top-1 >= 0.988; tied KL 4.9e-4, 6.0e-4, 4.1e-3, 5e-7, top-1 >= 0.965).
 TEST_BOUNDS = {"int8-dynamic": (0.01, 0.95), "int8-static": (0.01, 0.95), "int4": (0.05, 0.9), "fp16": (1e-4, 0.99)}
 
 
@@ -47,8 +49,7 @@ def run_quantize(source: Path, out: Path, **params) -> dict[str, Any]:
     return run_pass("quantize", source, out, Windows(), **params)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, export_op) -> Path:
+def _train_and_export(tmp_path_factory, export_op, name: str, **overrides) -> Path:
     """A tiny llama trained to continue arithmetic sequences (decisive logits, trained weight statistics),
     exported: quantization error on random weights says little about a real model."""
     from conftest import TINY_CONFIGS
@@ -58,7 +59,7 @@ def trained(tmp_path_factory, export_op) -> Path:
     torch.set_num_threads(1)  # a 2-core machine shared with other work: more threads only contend
     try:
         torch.manual_seed(0)
-        config = AutoConfig.for_model("llama", **{**TINY_CONFIGS["llama"], "initializer_range": 0.02})
+        config = AutoConfig.for_model("llama", **{**TINY_CONFIGS["llama"], "initializer_range": 0.02, **overrides})
         model = AutoModelForCausalLM.from_config(config)
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
         for step in range(80):
@@ -69,11 +70,69 @@ def trained(tmp_path_factory, export_op) -> Path:
             optimizer.step()
     finally:
         torch.set_num_threads(threads)
-    model_dir = tmp_path_factory.mktemp("trained-llama")
+    model_dir = tmp_path_factory.mktemp(name)
     model.eval().save_pretrained(model_dir)
-    variant = tmp_path_factory.mktemp("trained-llama-onnx")
+    variant = tmp_path_factory.mktemp(f"{name}-onnx")
     export_op(model_dir, variant)
     return variant
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, export_op) -> Path:
+    return _train_and_export(tmp_path_factory, export_op, "trained-llama")
+
+
+@pytest.fixture(scope="module")
+def trained_tied(tmp_path_factory, export_op) -> Path:
+    """The trained tiny llama with tied embeddings, its graph reading one table in the Gather and the head."""
+    variant = _train_and_export(tmp_path_factory, export_op, "trained-tied-llama", tie_word_embeddings=True)
+    tie_head(variant)
+    return variant
+
+
+def tie_head(variant: Path, form: str = "as exported") -> None:
+    """Make sure the LM head reads the embedding table (an export that unties stores the head as the table's
+    transposed copy: it becomes MatMul(x, Transpose(table))); form "fused" rewrites the head as
+    FusedMatMul(x, table, transB=1), which onnxruntime's optimizer writes for a MatMul over a Transpose."""
+    proto = onnx.load(str(variant / "model.onnx"))
+    inits = _inits(proto)
+    table = _token_gather(proto).input[0]
+    head = _head(proto)
+    nodes = list(proto.graph.node)
+    if head.input[1] != table and head.input[1] in inits:
+        weight = numpy_helper.to_array(inits[head.input[1]])
+        assert np.array_equal(weight, numpy_helper.to_array(inits[table]).T)
+        proto.graph.initializer.remove(inits[head.input[1]])
+        transpose = onnx.helper.make_node("Transpose", [table], ["/lm_head/Transpose_output_0"],
+                                          name="/lm_head/Transpose", perm=[1, 0])
+        head.input[1] = transpose.output[0]
+        nodes.insert(nodes.index(head), transpose)
+    if form == "fused":
+        nodes = [n for n in nodes if n.op_type != "Transpose" or n.input[0] != table]
+        nodes[nodes.index(head)] = onnx.helper.make_node(
+            "FusedMatMul", [head.input[0], table], list(head.output), name="/lm_head/FusedMatMul",
+            domain="com.microsoft", transB=1, alpha=1.0)
+        if not any(o.domain == "com.microsoft" for o in proto.opset_import):
+            proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    onnx.save(proto, str(variant / "model.onnx"))
+    artifact.write_artifact_json(variant, base=artifact.read_artifact(variant))
+
+
+def _head(proto: onnx.ModelProto) -> onnx.NodeProto:
+    """The LM head: the matrix multiply among the /lm_head/ nodes."""
+    ops = ("MatMul", "Gemm", "FusedMatMul", "MatMulNBits", "MatMulInteger")
+    return next(n for n in proto.graph.node if n.name.startswith("/lm_head/") and n.op_type in ops)
+
+
+def _inits(proto: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in proto.graph.initializer}
+
+
+def _token_gather(proto: onnx.ModelProto) -> onnx.NodeProto:
+    return next(n for n in proto.graph.node
+                if n.op_type in ("Gather", "GatherBlockQuantized") and n.input[1] == "input_ids")
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +263,7 @@ def test_option_of_another_scheme_fails(trained, tmp_path):
     ("{scheme: int8-dynamic, method: entropy}", "method", "method applies to int8-static, not int8-dynamic"),
     ("{scheme: fp16, symmetric: false}", "symmetric", "symmetric applies to int4, not fp16"),
     ("{scheme: int8-static, keep_fp32_ops: [Softmax]}", "keep_fp32_ops", "keep_fp32_ops applies to fp16, not int8-static"),
+    ("{scheme: fp16, embeddings: keep}", "embeddings", "embeddings applies to int8-dynamic, int8-static, int4, not fp16"),
 ])
 def test_validate_rejects_an_option_of_another_scheme(with_, field, message, tmp_path, capsys):
     """The rule the stage enforces is `recipec validate`'s too: the recipe fails before any build."""
@@ -212,6 +272,14 @@ def test_validate_rejects_an_option_of_another_scheme(with_, field, message, tmp
     assert cli.main(["validate", str(path)]) == 2
     column = 11 + with_.index(f"{field}: ") + len(f"{field}: ")  # the value's column on the `with` line
     assert f"{path}:10:{column}: passes[0].with.{field}: {message}" in capsys.readouterr().err
+
+
+def test_validate_rejects_an_unknown_embeddings_mode(tmp_path, capsys):
+    path = tmp_path / "r.yaml"
+    path.write_text(RECIPE_HEAD + "passes:\n  - id: q\n    op: quantize\n    with: {scheme: int4, embeddings: drop}\n")
+    assert cli.main(["validate", str(path)]) == 2
+    assert (f"{path}:10:38: passes[0].with.embeddings: unknown value 'drop' (expected one of: quantize, keep)"
+            in capsys.readouterr().err)
 
 
 def test_fidelity_bound_fails_the_stage(trained, tmp_path):
@@ -225,3 +293,203 @@ def test_quantize_after_fuse_keeps_fused_attention(trained, tmp_path):
     ops = _ops(_graph(tmp_path / "int4"))
     assert ops["GroupQueryAttention"] == 2 and ops["MatMulNBits"] == 9  # (qkv, o, gate+up, down) x 2 + lm_head
     assert metrics["kl_mean"] <= TEST_BOUNDS["int4"][0]
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _weights(variant: Path) -> dict[str, Any]:
+    return artifact.read_artifact(variant)["weights"]
+
+
+@pytest.mark.parametrize("scheme, bits", [("int4", 4), ("int8-dynamic", 8), ("int8-static", 8)])
+def test_embedding_table_becomes_gatherblockquantized(scheme, bits, quantized, trained):
+    variant, metrics = quantized(scheme)
+    proto, table = _graph(variant), _token_gather(_graph(trained)).input[0]
+    gather, inits = _token_gather(proto), _inits(proto)
+    assert gather.op_type == "GatherBlockQuantized" and gather.domain == "com.microsoft"
+    assert _attrs(gather) == {"bits": bits, "block_size": 32, "gather_axis": 0, "quantize_axis": 1}
+    data = inits[gather.input[0]]  # untied: the rows as stored, no Reshape
+    assert data.data_type == onnx.TensorProto.UINT8 and list(data.dims) == [VOCAB, 64 * bits // 8]
+    assert table not in inits and _ops(proto)["GatherBlockQuantized"] == 1
+    record = metrics["quantization"]["embeddings"]
+    assert record["mode"] == "quantize" and record["kept"] == []
+    (quantized_table,) = record["quantized"]
+    assert quantized_table["table"] == table and quantized_table["tied_heads"] == []
+    assert quantized_table["bytes"] == {"before": VOCAB * 64 * 4, "after": VOCAB * 64 * bits // 8 + VOCAB * 2 * 4}
+    before, after = _weights(trained), _weights(variant)  # packed values count as the values they hold
+    assert after["parameters"] == before["parameters"]
+    assert after["embedding_parameters"] == before["embedding_parameters"] == VOCAB * 64
+
+
+@pytest.fixture(scope="module")
+def quantized_tied(trained_tied, tmp_path_factory):
+    done: dict[str, tuple[Path, dict[str, Any]]] = {}
+
+    def get(scheme: str) -> tuple[Path, dict[str, Any]]:
+        if scheme not in done:
+            out = tmp_path_factory.mktemp(f"q-tied-{scheme}")
+            done[scheme] = (out, run_quantize(trained_tied, out, scheme=scheme))
+        return done[scheme]
+
+    return get
+
+
+@pytest.mark.parametrize("scheme, bits", [("int4", 4), ("int8-dynamic", 8), ("int8-static", 8)])
+def test_tied_embeddings_keep_one_quantized_table(scheme, bits, quantized_tied, trained_tied):
+    """The Gather and the head read the same packed data and scales: GatherBlockQuantized through a Reshape,
+    MatMulNBits directly (onnxruntime-genai's tied layout); no float copy of the table is left."""
+    variant, metrics = quantized_tied(scheme)
+    proto = _graph(variant)
+    inits, producers = _inits(proto), {o: n for n in proto.graph.node for o in n.output}
+    gather, head = _token_gather(proto), _head(proto)
+    reshape = producers[gather.input[0]]
+    assert head.op_type == "MatMulNBits" and reshape.op_type == "Reshape"
+    assert reshape.input[0] == head.input[1] and gather.input[2] == head.input[2]
+    assert list(inits[head.input[1]].dims) == [VOCAB, 2, 32 * bits // 8]
+    assert {k: _attrs(head)[k] for k in ("K", "N", "bits", "block_size")} == {"K": 64, "N": VOCAB, "bits": bits,
+                                                                               "block_size": 32}
+    floats = [t.name for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and VOCAB in t.dims
+              and 64 in t.dims]
+    assert floats == []
+    assert _weights(variant)["parameters"] == _weights(trained_tied)["parameters"]  # the table counted once
+    assert artifact.read_artifact(variant)["graph"]["tied_embedding"] == {
+        "initializer": head.input[1], "gather": gather.name, "head": head.name}
+    (record,) = metrics["quantization"]["embeddings"]["quantized"]
+    assert record["tied_heads"] == [_head(_graph(trained_tied)).name] and record["shape"] == [VOCAB, 64]
+    max_kl, min_top1 = TEST_BOUNDS[scheme]
+    assert metrics["kl_mean"] <= max_kl and metrics["top1_agreement"] >= min_top1, metrics
+    _check_runs_like_its_source(variant, trained_tied)
+
+
+def test_tied_fusedmatmul_head_with_a_padded_block(trained_tied, tmp_path):
+    """onnxruntime's optimizer writes the tied head as FusedMatMul(x, table, transB=1); with blocks wider
+    than the hidden size the Gather's rows carry padding, which a Slice drops."""
+    source = tmp_path / "fused-head"
+    shutil.copytree(trained_tied, source)
+    tie_head(source, form="fused")
+    metrics = run_quantize(source, tmp_path / "int4", scheme="int4", block_size=128)
+    proto = _graph(tmp_path / "int4")
+    consumers = {i: n for n in proto.graph.node for i in n.input}
+    gather = _token_gather(proto)
+    assert consumers[gather.output[0]].op_type == "Slice" and _attrs(gather)["block_size"] == 128
+    head = _head(proto)
+    assert head.op_type == "MatMulNBits" and head.name == "/lm_head/FusedMatMul_Q4"
+    assert metrics["kl_mean"] <= TEST_BOUNDS["int4"][0] and metrics["top1_agreement"] >= TEST_BOUNDS["int4"][1]
+
+
+@pytest.mark.parametrize("scheme, op", [("int4", "MatMulNBits"), ("int8-dynamic", "MatMulInteger")])
+def test_embeddings_keep_leaves_the_table_and_its_tied_head_in_float32(scheme, op, trained_tied, tmp_path):
+    """int8-dynamic's quantizer would turn a Gemm head into a MatMul over a transposed copy of the table: the
+    kept head must still read the one table (the Gemm becomes FusedMatMul, which no quantizer touches)."""
+    metrics = run_quantize(trained_tied, tmp_path, scheme=scheme, embeddings="keep")
+    proto = _graph(tmp_path)
+    gather, inits = _token_gather(proto), _inits(proto)
+    assert gather.op_type == "Gather" and inits[gather.input[0]].data_type == onnx.TensorProto.FLOAT
+    head, producers = _head(proto), {o: n for n in proto.graph.node for o in n.output}
+    assert head.op_type in ("MatMul", "Gemm", "FusedMatMul")  # reading the table or its Transpose
+    assert gather.input[0] in (head.input[1], producers.get(head.input[1], head).input[0])
+    assert _ops(proto)[op] == 14 and "GatherBlockQuantized" not in _ops(proto)  # 7 projections x 2 layers
+    assert [t.name for t in proto.graph.initializer if VOCAB in t.dims and 64 in t.dims] == [gather.input[0]]
+    assert artifact.read_artifact(tmp_path)["graph"]["tied_embedding"]["initializer"] == gather.input[0]
+    assert metrics["quantization"]["embeddings"] == {
+        "mode": "keep", "quantized": [], "kept": [{"table": gather.input[0], "reason": "embeddings: keep"}]}
+
+
+def test_embeddings_keep_on_untied_quantizes_the_head_only(trained, tmp_path):
+    run_quantize(trained, tmp_path, scheme="int8-dynamic", embeddings="keep")
+    proto = _graph(tmp_path)
+    gather = _token_gather(proto)
+    assert gather.op_type == "Gather" and _inits(proto)[gather.input[0]].data_type == onnx.TensorProto.FLOAT
+    assert _head(proto).op_type == "MatMulInteger"
+
+
+def test_excluding_the_embedding_gather_keeps_the_shared_table(trained_tied, tmp_path):
+    messages: list[str] = []
+    metrics = run_pass("quantize", trained_tied, tmp_path, Windows(), log=messages.append, scheme="int4",
+                       exclude=["/model/embed_tokens/*"])
+    proto = _graph(tmp_path)
+    assert _token_gather(proto).op_type == "Gather" and "GatherBlockQuantized" not in _ops(proto)
+    assert _head(proto).op_type in ("MatMul", "Gemm", "FusedMatMul")
+    (kept,) = metrics["quantization"]["embeddings"]["kept"]
+    assert kept["reason"] == "exclude matches /model/embed_tokens/Gather"
+    head = _head(_graph(trained_tied)).name
+    assert any(f"stays float32 (so does the LM head tied to it: {head})" in m for m in messages), messages
+
+
+def _dequantized(table: np.ndarray, spec: quantize_embeddings.Spec) -> np.ndarray:
+    """The values MatMulNBits' layout holds: low nibble first, zero point 2^(bits-1) unless stored."""
+    packed, scales, zero_points = quantize_embeddings.pack(table, spec)
+    vocab, blocks, _ = packed.shape
+    unpack = (lambda a: np.stack([a & 0xF, a >> 4], -1).reshape(vocab, -1)) if spec.bits == 4 else (lambda a: a)
+    values = unpack(packed.reshape(vocab, -1)).reshape(vocab, blocks, -1).astype(np.float32)
+    zero = (np.full((vocab, blocks), 2 ** (spec.bits - 1)) if zero_points is None
+            else unpack(zero_points)[:, :blocks]).astype(np.float32)
+    return ((values - zero[..., None]) * scales[..., None]).reshape(vocab, -1)[:, :table.shape[1]]
+
+
+def _tied_graph(form: str, table: np.ndarray, bias: np.ndarray) -> onnx.ModelProto:
+    """input_ids -> Gather(table) -> Relu -> head over the same table, in each form a tied head takes."""
+    make = onnx.helper.make_node
+    nodes = [make("Gather", ["table", "input_ids"], ["embeds"], name="/model/embed_tokens/Gather"),
+             make("Relu", ["embeds"], ["hidden"], name="/model/act")]
+    heads = {"transpose": [make("Transpose", ["table"], ["table_t"], name="/lm_head/Transpose", perm=[1, 0]),
+                           make("MatMul", ["hidden", "table_t"], ["logits"], name="/lm_head/MatMul")],
+             "fused": [make("FusedMatMul", ["hidden", "table"], ["logits"], name="/lm_head/FusedMatMul",
+                            domain="com.microsoft", transB=1)],
+             "gemm": [make("Flatten", ["hidden"], ["rows"], name="/lm_head/Flatten", axis=2),
+                      make("Gemm", ["rows", "table", "bias"], ["logits"], name="/lm_head/Gemm", transB=1)]}
+    graph = onnx.helper.make_graph(
+        nodes + heads[form], "tied", [onnx.helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, [1, 5])],
+        [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(bias, "bias")])
+    return onnx.helper.make_model(graph, ir_version=10, opset_imports=[onnx.helper.make_opsetid("", 20),
+                                                                        onnx.helper.make_opsetid("com.microsoft", 1)])
+
+
+@pytest.mark.parametrize("form", ["transpose", "fused", "gemm"])
+@pytest.mark.parametrize("spec", [quantize_embeddings.Spec(4, 32, True), quantize_embeddings.Spec(4, 64, False),
+                                  quantize_embeddings.Spec(8, 32, True, 4)], ids=["int4", "int4-asym", "int8"])
+def test_tied_forms_read_one_table_as_its_dequantized_values(form, spec):
+    """Gather and head of every tied form compute with exactly the dequantized table (hidden 80 is not a whole
+    number of 64-blocks: the Gather's padding is sliced off)."""
+    import onnx_ir as ir
+
+    rng = np.random.default_rng(0)
+    table, bias = rng.standard_normal((300, 80)).astype(np.float32), rng.standard_normal(300).astype(np.float32)
+    model = ir.from_proto(_tied_graph(form, table, bias))
+    tables = quantize_embeddings.find_tables(model.graph)
+    assert [(t.name, [h.name for h in t.heads], t.unsupported) for t in tables] == [("table", [model.graph.node(-1).name], [])]
+    quantize_embeddings.quantize_tables(model, tables, spec)
+    proto = ir.to_proto(model)
+    assert "table" not in _inits(proto) and _ops(proto)["MatMulNBits"] == 1 and "Transpose" not in _ops(proto)
+    ids = np.array([[0, 7, 150, 298, 299]])
+    (logits,) = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids})
+    values = _dequantized(table, spec)
+    expected = np.maximum(values[ids], 0) @ values.T + (bias if form == "gemm" else 0)
+    # accuracy_level 4 quantizes the head's input to int8 blocks: compare at that precision
+    tolerance = 0.05 * np.abs(expected).max() if spec.accuracy_level == 4 else 1e-4 * np.abs(expected).max()
+    assert np.abs(logits.reshape(expected.shape) - expected).max() <= tolerance
+
+
+def test_tied_quantization_is_byte_identical_across_runs(quantized_tied, trained_tied, tmp_path):
+    first, _ = quantized_tied("int8-dynamic")
+    run_quantize(trained_tied, tmp_path, scheme="int8-dynamic")
+    for name in ("model.onnx", "artifact.json"):
+        assert (tmp_path / name).read_bytes() == (first / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("scheme", quantize.SCHEMES)
+def test_external_data_path(scheme, trained_tied, tmp_path, monkeypatch):
+    """The path a model past the external-data threshold takes (the threshold lowered to 0 here): every
+    graph written, the embedding step's and the quantizer's, keeps its weights in model.onnx.data, readable
+    by whoever may read model.onnx."""
+    from recipec.onnx import sessions
+
+    monkeypatch.setattr(sessions, "EXTERNAL_DATA_BYTES", 0)
+    metrics = run_quantize(trained_tied, tmp_path, scheme=scheme)
+    data = tmp_path / "model.onnx.data"
+    assert data.stat().st_mode == (tmp_path / "model.onnx").stat().st_mode
+    assert artifact.read_artifact(tmp_path)["graph"]["external_data"] == ["model.onnx.data"]
+    assert metrics["kl_mean"] <= TEST_BOUNDS[scheme][0]

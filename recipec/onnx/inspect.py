@@ -1,46 +1,63 @@
-"""Reading quantization choices and weight sizes back off a graph (what quantize reports)."""
+"""Reading quantization choices and weight sizes back off a graph (what quantize reports).
+
+A `Graph` wraps a ModelProto loaded without its external data: sizes come from dims and dtypes, and the few
+tensors whose values are summarized (scales, zero points) are read one at a time from the model's directory.
+"""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-MATMULS = {"MatMul", "Gemm", "MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
+from recipec.onnx.artifact import tensor_bytes
+
+MATMULS = {"MatMul", "Gemm", "FusedMatMul", "MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul",
+           "MatMulIntegerToFloat"}
 # Which inputs of each op hold the weight (and its scale / zero point when the op carries them).
-WEIGHT_INPUTS = {"MatMul": (1,), "Gemm": (1,), "MatMulNBits": (1, 2, 3), "MatMulInteger": (1, 3),
-                 "DynamicQuantizeMatMul": (1, 2, 3), "MatMulIntegerToFloat": (1, 3, 5)}
+WEIGHT_INPUTS = {"MatMul": (1,), "Gemm": (1,), "FusedMatMul": (1,), "MatMulNBits": (1, 2, 3),
+                 "MatMulInteger": (1, 3), "DynamicQuantizeMatMul": (1, 2, 3), "MatMulIntegerToFloat": (1, 3, 5)}
+# Ops through which a weight reaches its matrix multiply unchanged in size: a dequantized weight is counted
+# at the bytes of what the DequantizeLinear reads, a tied LM head at its Transpose's table.
+_WEIGHT_VIEWS = ("DequantizeLinear", "Transpose")
 
 
 class Graph:
     """Initializers by name and producers by output name, read once."""
 
-    def __init__(self, proto: onnx.ModelProto):
+    def __init__(self, proto: onnx.ModelProto, base_dir: Path | str = ""):
+        self.proto, self.base_dir = proto, str(base_dir)
         self.inits = {t.name: t for t in proto.graph.initializer}
         self.producer = {o: n for n in proto.graph.node for o in n.output}
         for node in proto.graph.node:  # Constant nodes hold weights in some exports
             if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
                 self.inits.setdefault(node.output[0], node.attribute[0].t)
 
+    @classmethod
+    def load(cls, model_path: Path) -> "Graph":
+        """The graph of model_path without its external data."""
+        return cls(onnx.load(str(model_path), load_external_data=False), Path(model_path).parent)
+
     def array(self, name: str) -> np.ndarray | None:
         tensor = self.inits.get(name)
-        return None if tensor is None else numpy_helper.to_array(tensor, base_dir="")
+        return None if tensor is None else numpy_helper.to_array(tensor, base_dir=self.base_dir)
 
     def nbytes(self, name: str) -> int:
-        """Bytes of an initializer, or of the initializers a DequantizeLinear reads to produce it."""
+        """Bytes of an initializer, or of the initializers a DequantizeLinear or Transpose reads to produce it."""
         if name in self.inits:
-            return int(self.array(name).nbytes)
+            return tensor_bytes(self.inits[name])
         node = self.producer.get(name)
-        if node is not None and node.op_type == "DequantizeLinear":
-            return sum(int(self.array(i).nbytes) for i in node.input if i in self.inits)
+        if node is not None and node.op_type in _WEIGHT_VIEWS:
+            return sum(tensor_bytes(self.inits[i]) for i in node.input if i in self.inits)
         return 0
 
 
-def matmul_weight_bytes(proto: onnx.ModelProto) -> int:
+def matmul_weight_bytes(graph: Graph) -> int:
     """Bytes of the weights (with their scales and zero points) that matrix-multiply nodes read."""
-    graph, total = Graph(proto), 0
-    for node in proto.graph.node:
+    total = 0
+    for node in graph.proto.graph.node:
         for index in WEIGHT_INPUTS.get(node.op_type, ()):
             if index < len(node.input) and node.input[index]:
                 total += graph.nbytes(node.input[index])
@@ -62,11 +79,10 @@ def _summary(scales: list[np.ndarray], zero_points: list[np.ndarray | None], dty
     }
 
 
-def dequantize_records(proto: onnx.ModelProto) -> dict[str, Any]:
+def dequantize_records(graph: Graph) -> dict[str, Any]:
     """QDQ graphs: scales and zero points of the weight and activation DequantizeLinear nodes."""
-    graph = Graph(proto)
     groups: dict[str, tuple[list, list, set]] = {"weights": ([], [], set()), "activations": ([], [], set())}
-    for node in proto.graph.node:
+    for node in graph.proto.graph.node:
         if node.op_type != "DequantizeLinear":
             continue
         kind = "weights" if node.input[0] in graph.inits else "activations"
@@ -78,11 +94,10 @@ def dequantize_records(proto: onnx.ModelProto) -> dict[str, Any]:
     return {k: _summary(s, z, "/".join(sorted(d))) for k, (s, z, d) in groups.items() if s}
 
 
-def dynamic_records(proto: onnx.ModelProto) -> dict[str, Any]:
+def dynamic_records(graph: Graph) -> dict[str, Any]:
     """quantize_dynamic: weight scale/zero point initializers; activations are quantized per call."""
-    graph = Graph(proto)
     scales, zps = [], []
-    for node in proto.graph.node:
+    for node in graph.proto.graph.node:
         if node.op_type == "MatMulInteger" and node.input[1] in graph.inits:
             zps.append(graph.array(node.input[3]) if len(node.input) > 3 and node.input[3] else None)
             scale = graph.array(node.input[1].replace("_quantized", "_scale"))
@@ -94,11 +109,10 @@ def dynamic_records(proto: onnx.ModelProto) -> dict[str, Any]:
     return {"weights": weights, "activations": activations}
 
 
-def nbits_records(proto: onnx.ModelProto) -> dict[str, Any]:
+def nbits_records(graph: Graph) -> dict[str, Any]:
     """MatMulNBits: block scales; a stored zero point per block when asymmetric, else the midpoint 2^(bits-1)."""
-    graph = Graph(proto)
     scales, stored_zp, attrs = [], 0, set()
-    for node in proto.graph.node:
+    for node in graph.proto.graph.node:
         if node.op_type != "MatMulNBits":
             continue
         values = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}

@@ -1,45 +1,55 @@
 """quantize: int8 (dynamic or calibrated QDQ), int4 weight-only, or fp16, with onnxruntime's own tools.
 
-- int8-dynamic: onnxruntime.quantization.quantize_dynamic (DynamicQuantizeLinear + MatMulInteger);
-- int8-static: quantize_static in QDQ format, calibrated on ctx.data.calibration() prefill windows;
-- int4: MatMulNBitsQuantizer (block-wise weight-only, MatMulNBits);
-- fp16: onnxruntime.transformers.float16.convert_float_to_float16.
+The schemes (quantize_schemes.py): int8-dynamic (quantize_dynamic: MatMulInteger), int8-static (quantize_static,
+QDQ, calibrated on ctx.data.calibration() prefill windows), int4 (MatMulNBitsQuantizer: MatMulNBits), fp16
+(convert_float_to_float16). The int8 and int4 schemes also quantize the token-embedding table into
+GatherBlockQuantized, and an LM head tied to it into MatMulNBits over the same data (quantize_embeddings.py),
+unless `embeddings: keep`.
 Every result is scored against the input graph on ctx.data.eval() windows (KL of next-token distributions
-with the input graph as P, and top-1 agreement, over all positions) and fails the stage past its bounds.
+with the input graph as P, and top-1 agreement, over all positions; quantize_fidelity.py) and fails the stage
+past its bounds.
+
+Memory: the phases run one after the other and no two hold weights at once. The input graph's reference
+logits are computed and spooled to disk first, its session closed; the embedding step reads the input lazily
+(onnx-ir keeps external initializers on disk) and writes the quantizer's input; the quantizer reads that from
+its path (quantize_schemes.py says what each holds); the quantized graph's session opens last; the reports
+read graphs without their external data.
 """
 from __future__ import annotations
 
-import contextlib
 import fnmatch
-import logging
+import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
 import onnx
-from onnxruntime.quantization import CalibrationDataReader
+import onnx_ir as ir
 
 from recipec.core.params import NO_DEFAULT, prop
-from recipec.onnx import artifact
-from recipec.onnx import inspect, sessions
-from recipec.onnx.logits import log_softmax
+from recipec.onnx import artifact, inspect, sessions
 from recipec.passes.base import CheckContext, Pass, PassError, StageContext
+from recipec.passes.onnx import quantize_embeddings as embeddings
+from recipec.passes.onnx import quantize_fidelity as fidelity
+from recipec.passes.onnx.quantize_schemes import RECORDS, SCHEME_FUNCTIONS, quiet_quantizers
 
 SCHEMES = ("int8-dynamic", "int8-static", "int4", "fp16")
 # Scheme-specific options and their defaults; an option given for another scheme is an error.
 OPTIONS: dict[str, dict[str, Any]] = {
-    "int8-dynamic": {"per_channel": False, "reduce_range": False},
-    "int8-static": {"per_channel": False, "reduce_range": False, "method": "minmax", "calibration_samples": 32},
-    "int4": {"block_size": 32, "symmetric": True, "accuracy_level": None},
+    "int8-dynamic": {"per_channel": False, "reduce_range": False, "embeddings": "quantize"},
+    "int8-static": {"per_channel": False, "reduce_range": False, "method": "minmax", "calibration_samples": 32,
+                    "embeddings": "quantize"},
+    "int4": {"block_size": 32, "symmetric": True, "accuracy_level": None, "embeddings": "quantize"},
     "fp16": {"keep_io_types": True, "keep_fp32_ops": []},
 }
 # (max_kl, min_top1) per scheme: measured on a small trained llama (docs/onnx-passes.md), with margin.
 BOUNDS: dict[str, tuple[float, float]] = {
     "int8-dynamic": (0.05, 0.90), "int8-static": (0.10, 0.85), "int4": (0.10, 0.85), "fp16": (0.001, 0.99),
 }
-QUANTIZED_OPS = ("MatMul", "Gemm")
-# Windows scored per run: float64 log-probabilities of both graphs are held, batch x seq x vocab each.
-EVAL_ELEMENTS = 1 << 24
+# The int8 schemes store the embedding table as 8-bit blocks of this many values per scale (onnxruntime-genai's
+# default block size too). A tied head reads it with accuracy_level 4 (int8 inputs, as the int8 schemes
+# compute anyway): onnxruntime 1.32's 8-bit MatMulNBits has no fast CPU path for float inputs, measured 25x
+# slower than a float32 MatMul at one token and 2x faster with int8 inputs (vocab 32000, hidden 896).
+INT8_EMBEDDING_BLOCK, INT8_HEAD_ACCURACY = 32, 4
 # Every scheme's keys; the rest are its options (OPTIONS), which have no schema default so that one given
 # for another scheme can be told apart from one left out.
 COMMON_KEYS = frozenset({"scheme", "exclude", "max_kl", "min_top1"})
@@ -52,7 +62,8 @@ PARAMS: dict[str, Any] = {
     "properties": {
         "scheme": {"enum": list(SCHEMES), "description": "int8-dynamic | int8-static | int4 | fp16."},
         "exclude": prop("array", [], "Node-name globs kept in float (e.g. '*lm_head*', '/model/layers.0/*'); a "
-                                     "pattern that matches no node fails the stage.",
+                                     "pattern that matches no node fails the stage. Excluding the embedding "
+                                     "Gather or a head tied to it keeps their shared table in float.",
                         items={"type": "string", "minLength": 1}),
         "per_channel": prop("boolean", NO_DEFAULT, "int8: one weight scale per output channel (default false)."),
         "reduce_range": prop("boolean", NO_DEFAULT, "int8: 7-bit weights, for CPUs without VNNI (default false)."),
@@ -60,11 +71,20 @@ PARAMS: dict[str, Any] = {
                    "description": "int8-static: calibration method (default minmax)."},
         "calibration_samples": prop("integer", NO_DEFAULT, "int8-static: calibration windows used (default 32).",
                                     minimum=1),
-        "block_size": {"enum": [32, 64, 128], "description": "int4: weights per scale (default 32)."},
+        "block_size": {"enum": [32, 64, 128], "description": "int4: weights per scale (default 32), for the "
+                                                            "MatMul weights and the embedding table alike."},
         "symmetric": prop("boolean", NO_DEFAULT, "int4: zero point fixed at the midpoint (default true)."),
         "accuracy_level": prop(["integer", "null"], NO_DEFAULT, "int4: MatMulNBits accuracy_level, the minimum "
                                                                 "input precision (4 = int8 compute; default unset "
                                                                 "= fp32).", minimum=0, maximum=4),
+        "embeddings": {"enum": ["quantize", "keep"],
+                       "description": "int8-dynamic, int8-static, int4: what happens to the token-embedding "
+                                      "table (the initializer a Gather reads with input_ids). quantize (default): "
+                                      "stored block-quantized and read by com.microsoft GatherBlockQuantized "
+                                      "(int4: 4-bit with the scheme's block_size and symmetric; int8: 8-bit, "
+                                      f"symmetric, blocks of {INT8_EMBEDDING_BLOCK}); an LM head tied to the table "
+                                      "becomes MatMulNBits over the same quantized data, so the file keeps one "
+                                      "table. keep: the table stays float32, and so does a head tied to it."},
         "keep_io_types": prop("boolean", NO_DEFAULT, "fp16: graph inputs/outputs stay float32 (default true)."),
         "keep_fp32_ops": prop("array", NO_DEFAULT, "fp16: op types kept in float32 besides onnxruntime's own list.",
                               items={"type": "string"}),
@@ -113,126 +133,57 @@ def resolve_exclude(proto: onnx.ModelProto, patterns: list[str]) -> list[str]:
     return matched
 
 
-class _CalibrationWindows(CalibrationDataReader):
-    """Prefill feeds (empty past, no padding) of the calibration token windows, one window per batch."""
-
-    def __init__(self, io: sessions.DecoderIO, tokens, samples: int):
-        self._feeds = (io.prefill(window) for window in sessions.windows(tokens[:samples], 1))
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._feeds, None)
-
-
-def _int8_dynamic(source: Path, target: Path, opts: dict, excluded: list[str], ctx: StageContext) -> dict:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(source, target, op_types_to_quantize=list(QUANTIZED_OPS), per_channel=opts["per_channel"],
-                     reduce_range=opts["reduce_range"], weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
-                     use_external_data_format=_large(source))
-    return inspect.dynamic_records(onnx.load(str(target)))
+def embedding_spec(scheme: str, opts: dict[str, Any]) -> embeddings.Spec | None:
+    """How the scheme stores the embedding table; None where it stays float."""
+    if opts.get("embeddings") != "quantize":
+        return None
+    if scheme == "int4":
+        return embeddings.Spec(4, opts["block_size"], opts["symmetric"], opts["accuracy_level"])
+    return embeddings.Spec(8, INT8_EMBEDDING_BLOCK, True, INT8_HEAD_ACCURACY)
 
 
-def _int8_static(source: Path, target: Path, opts: dict, excluded: list[str], ctx: StageContext) -> dict:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    tokens = ctx.data.calibration()
-    if tokens is None or len(tokens) == 0:
-        raise PassError("quantize: int8-static needs calibration windows (the recipe's data.calibration)")
-    io = sessions.DecoderIO.of(sessions.session(source))
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}
-    reader = _CalibrationWindows(io, tokens, opts["calibration_samples"])
-    quantize_static(source, target, reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZED_OPS),
-                    per_channel=opts["per_channel"], reduce_range=opts["reduce_range"],
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
-                    calibrate_method=methods[opts["method"]], use_external_data_format=_large(source),
-                    extra_options={"MatMulConstBOnly": True})
-    records = inspect.dequantize_records(onnx.load(str(target)))
-    records["calibration"] = {"method": opts["method"], "windows": min(len(tokens), opts["calibration_samples"]),
-                              "tokens_per_window": int(tokens.shape[1])}
-    return records
+def _prepare_embeddings(source: Path, scheme: str, opts: dict[str, Any], excluded: list[str], scratch: Path,
+                        ctx: StageContext) -> tuple[Path, dict[str, Any]]:
+    """The graph the scheme's quantizer reads: the input with its embedding tables quantized (or its kept
+    tied heads in a form the quantizer leaves alone), written to scratch; the input itself when that changes
+    nothing. Done before the quantizer, so that the float table never enters its memory. The input is read
+    lazily: onnx-ir leaves external initializers on disk until they are written."""
+    model = ir.load(str(source))
+    record, messages, changed = embeddings.prepare(model, embedding_spec(scheme, opts), set(excluded))
+    for message in messages:
+        ctx.log(f"quantize: {message}")
+    if not changed:
+        return source, {"mode": opts["embeddings"], **record}
+    prepared = scratch / "input"
+    prepared.mkdir()
+    _save_ir(model, prepared)
+    return prepared / artifact.MODEL_FILE, {"mode": opts["embeddings"], **record}
 
 
-def _int4(source: Path, target: Path, opts: dict, excluded: list[str], ctx: StageContext) -> dict:
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), bits=4, block_size=opts["block_size"],
-                                     is_symmetric=opts["symmetric"], accuracy_level=opts["accuracy_level"],
-                                     nodes_to_exclude=excluded, op_types_to_quantize=("MatMul",))
-    quantizer.process()
-    sessions.save_model(quantizer.model.model, target.parent)
-    return inspect.nbits_records(quantizer.model.model)
-
-
-def _fp16(source: Path, target: Path, opts: dict, excluded: list[str], ctx: StageContext) -> dict:
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-
-    blocked = list(dict.fromkeys(DEFAULT_OP_BLOCK_LIST + list(opts["keep_fp32_ops"])))
-    converted = convert_float_to_float16(onnx.load(str(source)), keep_io_types=opts["keep_io_types"],
-                                         op_block_list=blocked, node_block_list=excluded)
-    sessions.save_model(converted, target.parent)
-    return {"weights": {"dtype": "float16", "initializers": inspect.initializer_dtypes(converted)},
-            "kept_fp32_ops": list(opts["keep_fp32_ops"]), "kept_fp32_nodes": len(excluded),
-            "keep_io_types": opts["keep_io_types"]}
+def _save_ir(model: ir.Model, out_dir: Path) -> None:
+    """model.onnx, with weights in model.onnx.data past protobuf's comfort (sessions.save_model's rule)."""
+    tensors = [v.const_value for v in model.graph.initializers.values() if v.const_value is not None]
+    external = (sum(t.nbytes for t in tensors) > sessions.EXTERNAL_DATA_BYTES
+                or any(isinstance(t, ir.ExternalTensor) for t in tensors))
+    path = out_dir / artifact.MODEL_FILE
+    ir.save(model, path, external_data=artifact.DATA_FILE if external else None, size_threshold_bytes=1024)
+    if external:
+        sessions.share_data_file_mode(path)
 
 
-SCHEME_FUNCTIONS: dict[str, Callable[..., dict]] = {
-    "int8-dynamic": _int8_dynamic, "int8-static": _int8_static, "int4": _int4, "fp16": _fp16,
-}
-
-
-class _DropHints(logging.Filter):
-    """onnxruntime.quantization logs 'consider pre-processing' (an image-model shape-inference step) on the
-    root logger every call; it does not apply to a decoder that fuse already optimized."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "pre-processing" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _quiet_quantizers():
-    """The int4 quantizer logs every node at INFO: hundreds of lines for a small model."""
-    nbits = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
-    root, hints, level = logging.getLogger(), _DropHints(), nbits.level
-    nbits.setLevel(logging.WARNING)
-    root.addFilter(hints)
-    try:
-        yield
-    finally:
-        nbits.setLevel(level)
-        root.removeFilter(hints)
-
-
-def _large(source: Path) -> bool:
-    return sessions.file_bytes(source.parent) > sessions.EXTERNAL_DATA_BYTES
-
-
-def fidelity(reference, candidate, tokens) -> dict[str, float]:
-    """Mean KL(P_ref || P_q) and top-1 agreement over every position of every eval window."""
-    io = sessions.DecoderIO.of(reference)
-    kl_sum = agree = positions = worst = 0.0
-    per_run = max(1, EVAL_ELEMENTS // (int(tokens.shape[1]) * io.vocab))
-    for batch in sessions.windows(tokens, per_run):
-        feeds = io.prefill(batch)
-        ref = sessions.run(reference, feeds)["logits"].astype(np.float64)
-        new = sessions.run(candidate, feeds)["logits"].astype(np.float64)
-        log_p, log_q = log_softmax(ref), log_softmax(new)
-        kl = np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)
-        kl_sum, worst = kl_sum + float(kl.sum()), max(worst, float(kl.max()))
-        agree += float((ref.argmax(-1) == new.argmax(-1)).sum())
-        positions += kl.size
-    return {"kl_mean": kl_sum / positions, "kl_max": worst, "top1_agreement": agree / positions,
-            "positions": int(positions)}
-
-
-def _evaluate(params: dict[str, Any], source: Path, target: Path, ctx: StageContext) -> dict[str, Any]:
+def _eval_tokens(ctx: StageContext):
     tokens = ctx.data.eval()
     if tokens is None or len(tokens) == 0:
         raise PassError("quantize: scoring the quantized graph needs eval windows (the recipe's data.eval)")
+    return tokens
+
+
+def _evaluate(params: dict[str, Any], target: Path, reference: fidelity.Reference) -> dict[str, Any]:
     candidate = sessions.session(target)
     if not sessions.logits_to_keep_works(candidate):
         raise PassError("quantize: the quantized graph no longer honours logits_to_keep")
-    scores = fidelity(sessions.session(source), candidate, tokens)
+    scores = fidelity.score(candidate, reference)
+    del candidate
     max_kl = params["max_kl"] if params["max_kl"] is not None else BOUNDS[params["scheme"]][0]
     min_top1 = params["min_top1"] if params["min_top1"] is not None else BOUNDS[params["scheme"]][1]
     scores.update(max_kl=max_kl, min_top1=min_top1)
@@ -245,35 +196,40 @@ def _evaluate(params: dict[str, Any], source: Path, target: Path, ctx: StageCont
 
 
 def apply(ctx: StageContext) -> dict[str, Any]:
-    params, source = ctx.params, ctx.input_dir / "model.onnx"
+    params, source = ctx.params, ctx.input_dir / artifact.MODEL_FILE
     if not source.exists():
         raise PassError(f"quantize: {source} does not exist; quantize consumes an exported ONNX variant")
-    opts = _options(params)
+    scheme, opts, tokens = params["scheme"], _options(params), _eval_tokens(ctx)
     base = artifact.read_artifact(ctx.input_dir)
-    source_proto = onnx.load(str(source))
-    excluded = resolve_exclude(source_proto, params["exclude"])
-    weight_bytes_before = inspect.matmul_weight_bytes(source_proto)
-    del source_proto
-    target = ctx.output_dir / "model.onnx"
-    with ctx.progress(f"quantizing ({params['scheme']})", total=None):
-        with _quiet_quantizers():
-            records = SCHEME_FUNCTIONS[params["scheme"]](source, target, opts, excluded, ctx)
-    with ctx.progress("scoring against the input graph", total=None):
-        scores = _evaluate(params, source, target, ctx)
+    before = inspect.Graph.load(source)
+    excluded = resolve_exclude(before.proto, params["exclude"])
+    target = ctx.output_dir / artifact.MODEL_FILE
+    with tempfile.TemporaryDirectory(dir=ctx.output_dir, prefix=".scratch-") as tmp:
+        scratch = Path(tmp)
+        with ctx.progress("scoring the input graph", total=None):
+            reference = fidelity.reference_logits(source, tokens, scratch / "reference.f32")
+        with ctx.progress(f"quantizing ({scheme})", total=None), quiet_quantizers():
+            prepared, tables = (_prepare_embeddings(source, scheme, opts, excluded, scratch, ctx)
+                                if "embeddings" in opts else (source, None))
+            extra = SCHEME_FUNCTIONS[scheme](prepared, target, opts, excluded, ctx, reference.io)
+        with ctx.progress("scoring against the input graph", total=None):
+            scores = _evaluate(params, target, reference)
     artifact.copy_support_files(ctx.input_dir, ctx.output_dir)
     artifact.write_artifact_json(ctx.output_dir, base=base)
-    quantized = onnx.load(str(target))
+    after = inspect.Graph.load(target)
+    records = {**RECORDS[scheme](after), **extra, **({"embeddings": tables} if tables is not None else {})}
     return {
-        "scheme": params["scheme"], "options": opts, "excluded_nodes": excluded, "quantization": records,
-        "matmul_weight_bytes": {"before": weight_bytes_before, "after": inspect.matmul_weight_bytes(quantized)},
+        "scheme": scheme, "options": opts, "excluded_nodes": excluded, "quantization": records,
+        "matmul_weight_bytes": {"before": inspect.matmul_weight_bytes(before),
+                                "after": inspect.matmul_weight_bytes(after)},
         "file_bytes": {"before": sessions.file_bytes(ctx.input_dir), "after": sessions.file_bytes(ctx.output_dir)},
-        "ops": _quant_ops(quantized), **scores,
+        "ops": _quant_ops(after.proto), **scores,
     }
 
 
 def _quant_ops(proto: onnx.ModelProto) -> dict[str, int]:
     wanted = {"DynamicQuantizeLinear", "MatMulInteger", "QuantizeLinear", "DequantizeLinear", "MatMulNBits",
-              "Cast", "DynamicQuantizeMatMul"}
+              "GatherBlockQuantized", "Cast", "DynamicQuantizeMatMul"}
     counts: dict[str, int] = {}
     for node in proto.graph.node:
         if node.op_type in wanted:
@@ -287,8 +243,9 @@ PASS = Pass(
     produces="onnx",
     params=PARAMS,
     apply=apply,
-    summary="Quantize with onnxruntime's tools (int8 dynamic / static QDQ, int4 MatMulNBits, fp16) and score "
-            "KL and top-1 agreement against the input graph on eval windows.",
+    summary="Quantize with onnxruntime's tools (int8 dynamic / static QDQ, int4 MatMulNBits, fp16), the token "
+            "embeddings into GatherBlockQuantized (one table with a tied head), and score KL and top-1 "
+            "agreement against the input graph on eval windows.",
     uses_data=("calibration", "eval"),
     check=check,
 )
