@@ -1,5 +1,7 @@
 """The export op: every family exports and verifies, artifact.json describes the graph, exports are
-byte-identical, and the verification catches a graph that computes something else."""
+byte-identical, the verification catches a graph that computes something else, a tied embedding stays one
+initializer, parameters are counted as transformers counts them, and the export holds one copy of the
+weights at a time (tests/test_real_configs.py does the same at real widths)."""
 from __future__ import annotations
 
 import json
@@ -16,6 +18,8 @@ from recipec.onnx import artifact as art
 from recipec.passes import PASSES, PassError
 from recipec.passes.onnx.export import PARAMS, TESTED_FAMILIES
 from recipec.passes.onnx.verify import verify_variant
+
+from conftest import read_config
 
 
 def _session(variant_dir):
@@ -109,9 +113,10 @@ def test_logits_to_keep_is_an_optional_input(exported):
     np.testing.assert_allclose(last[:, 0], every[:, -1], atol=1e-5)
 
 
-def test_reexport_is_byte_identical_and_external_data_works(tiny_model_dir, export_op, tmp_path):
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])  # gpt2: a tied head
+def test_reexport_is_byte_identical_and_external_data_works(family, tiny_model_dir, export_op, tmp_path):
     for run in ("a", "b"):
-        export_op(tiny_model_dir("qwen2"), tmp_path / run, external_data_threshold_mb=0)
+        export_op(tiny_model_dir(family), tmp_path / run, external_data_threshold_mb=0)
     for name in ("model.onnx", "model.onnx.data", "artifact.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     a = art.read_artifact(tmp_path / "a")
@@ -190,3 +195,80 @@ def test_write_artifact_json_from_a_base(exported, tmp_path):
     assert new["weights"]["parameters"] == base["weights"]["parameters"]
     assert new["graph"]["external_data"] == ["model.onnx.data"]
     assert art.read_artifact(tmp_path) == json.loads(json.dumps(new))
+
+
+@pytest.mark.parametrize("family", TESTED_FAMILIES)
+def test_parameter_count_is_transformers(family, exported, tiny_model_dir):
+    """Every parameter is one initializer: none merged with an equal one (the random init's all-ones norms),
+    none stored twice (a tied head)."""
+    from transformers import AutoModelForCausalLM
+
+    a = art.read_artifact(exported(family)[0])
+    assert a["weights"]["parameters"] == AutoModelForCausalLM.from_pretrained(tiny_model_dir(family)).num_parameters()
+
+
+def test_tied_embedding_is_one_initializer_read_by_gather_and_head(tiny_model_dir, export_op, tmp_path):
+    """gpt2 ties its head to wte: one [vocab, hidden] table, read by the Gather and by the head's Gemm
+    (transB), named in artifact.json; only the learned positions count as embedding-only."""
+    variant, config = tmp_path / "onnx", read_config(tiny_model_dir("gpt2"))
+    metrics = export_op(tiny_model_dir("gpt2"), variant)
+    assert config["tie_word_embeddings"] is True and metrics["tied_embedding"] is True
+    proto = onnx.load(str(variant / "model.onnx"))
+    arrays = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    table = arrays["transformer.wte.weight"]
+    assert table.shape == (config["vocab_size"], config["n_embd"])
+    copies = [n for n, x in arrays.items() if x.shape in (table.shape, table.T.shape)
+              and (np.array_equal(x, table) or np.array_equal(x, table.T))]
+    assert copies == ["transformer.wte.weight"]
+    head = next(n for n in proto.graph.node if n.name == "/lm_head/Gemm")
+    assert list(head.input[1:]) == ["transformer.wte.weight"] and _attrs(head) == {"transB": 1}
+    a = art.read_artifact(variant)
+    assert a["graph"]["tied_embedding"] == {"initializer": "transformer.wte.weight", "head": "/lm_head/Gemm",
+                                            "gather": "/transformer/wte/Gather"}
+    assert a["weights"]["embedding_parameters"] == config["n_positions"] * config["n_embd"]
+    assert metrics["verification"]["max_abs_diff"] < 1e-4
+
+
+def test_untied_head_keeps_its_own_weight(exported):
+    a = art.read_artifact(exported("llama")[0])
+    assert a["graph"]["tied_embedding"] is None
+    assert a["weights"]["embedding_parameters"] == a["model"]["vocab_size"] * a["model"]["hidden_size"]
+
+
+def test_weights_written_in_row_blocks_are_the_same_bytes(tiny_model_dir, export_op, tmp_path, monkeypatch):
+    """Big weights go to model.onnx.data a block of rows at a time; with blocks of one row the files match."""
+    from recipec.passes.onnx import trace
+
+    export_op(tiny_model_dir("mixtral"), tmp_path / "whole", external_data_threshold_mb=0, verify=False)
+    monkeypatch.setattr(trace, "WRITE_CHUNK_BYTES", 1)
+    export_op(tiny_model_dir("mixtral"), tmp_path / "rows", external_data_threshold_mb=0, verify=False)
+    for name in ("model.onnx", "model.onnx.data"):
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "rows" / name).read_bytes(), name
+
+
+def test_torch_model_is_freed_before_onnxruntime_verifies(tiny_model_dir, export_op, tmp_path, monkeypatch):
+    """One copy of the weights at a time: the PyTorch model the export loaded is gone when the session opens."""
+    import weakref
+
+    from recipec.passes.onnx import export
+
+    loaded, alive_at_check = [], []
+    load, check = export.load_torch_model, export.check_against
+
+    def tracked_load(path):
+        model = load(path)
+        loaded.append(weakref.ref(model))
+        return model
+
+    def tracked_check(*args, **kwargs):
+        alive_at_check.append(loaded[0]() is not None)
+        return check(*args, **kwargs)
+
+    monkeypatch.setattr(export, "load_torch_model", tracked_load)
+    monkeypatch.setattr(export, "check_against", tracked_check)
+    assert export_op(tiny_model_dir("llama"), tmp_path)["verification"]["max_abs_diff"] < 1e-4
+    assert alive_at_check == [False]
+
+
+def _attrs(node) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}

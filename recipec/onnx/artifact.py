@@ -5,8 +5,9 @@ passes from their input's artifact: `write_artifact_json(out_dir, base=read_arti
 
 Sections:
 - model: identity copied from the source (model_type, vocab_size, eos/bos/pad ids, sizes, MoE expert counts).
-- graph: opset, files, required inputs and outputs with dtypes and symbolic dims, and `optional_inputs`
-  (initializers listed as graph inputs: onnxruntime uses their value unless a caller feeds one).
+- graph: opset, files, required inputs and outputs with dtypes and symbolic dims, `optional_inputs`
+  (initializers listed as graph inputs: onnxruntime uses their value unless a caller feeds one), and
+  `tied_embedding`: the one table the embedding Gather and the head both read, or null (see `tied_embedding`).
 - kv_cache: layer count, kv heads, head_dim, dtype and the name patterns of past/present tensors.
 - logits: whether the graph can skip the vocabulary projection of positions a caller does not need.
 - weights: elements and bytes of the initializers by dtype (external data counted, never loaded), the
@@ -54,6 +55,8 @@ _QUANT_METADATA = {
 }
 _SUB_BYTE_BITS = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.FLOAT4E2M1: 4,
                   getattr(TensorProto, "INT2", -1): 2, getattr(TensorProto, "UINT2", -1): 2}
+_GATHERS = ("Gather", "GatherBlockQuantized")
+_HEADS = ("Gemm", "MatMul", "MatMulNBits", "FusedMatMul")
 _NOT_WEIGHTS = {TensorProto.INT64, TensorProto.INT32, TensorProto.BOOL, TensorProto.STRING}
 
 
@@ -102,7 +105,8 @@ def write_artifact_json(variant_dir: Path | str, model_dir_or_config: Any = None
     artifact = {
         "format": FORMAT,
         "model": model,
-        "graph": {"file": MODEL_FILE, **_external_data(variant_dir, proto), **graph},
+        "graph": {"file": MODEL_FILE, **_external_data(variant_dir, proto), **graph,
+                  "tied_embedding": tied_embedding(proto)},
         "kv_cache": kv_cache_layout(graph),
         "logits": logits_mode(graph),
         "weights": weight_stats(proto, model),
@@ -224,10 +228,13 @@ def weight_stats(proto: onnx.ModelProto, model: dict[str, Any] | None = None) ->
     `parameters` counts the elements of weight tensors: float and quantized initializers of rank >= 1
     (rank-0 ones are constants folded by the exporter), with quantization scales and zero points
     excluded and packed low-bit weights (MatMulNBits, GatherBlockQuantized) counted as the values they
-    hold. Integer index/shape constants are not parameters. `active_parameters` subtracts, for MoE
+    hold. Integer index/shape constants are not parameters. Each initializer counts once whatever reads
+    it, so a tied table shared by the embedding Gather and the head counts once, as transformers'
+    num_parameters() counts it. `active_parameters` subtracts, for MoE
     models, the experts a token does not use: tensors of rank 3 whose first dim is `num_experts` count
-    `num_experts_per_tok / num_experts` of their elements. `embedding_*` are the tables gathered by
-    only Gathers read (token and position embeddings), of which a decode step reads one row.
+    `num_experts_per_tok / num_experts` of their elements. `embedding_*` are the tables only Gathers
+    read (untied token and position embeddings), of which a decode step reads one row; a tied table is
+    not among them, since the head reads all of it at every step.
     """
     consumers = _consumers(proto.graph)
     by_dtype: dict[str, dict[str, int]] = {}
@@ -251,6 +258,21 @@ def weight_stats(proto: onnx.ModelProto, model: dict[str, Any] | None = None) ->
     return {"parameters": totals["parameters"], "active_parameters": active,
             "bytes": sum(e["bytes"] for e in by_dtype.values()), "by_dtype": dict(sorted(by_dtype.items())),
             "embedding_parameters": totals["embedding_parameters"], "embedding_bytes": totals["embedding_bytes"]}
+
+
+def tied_embedding(proto: onnx.ModelProto) -> dict[str, str] | None:
+    """{"initializer", "gather", "head"}: the table that both an embedding Gather (or GatherBlockQuantized,
+    directly or through a Reshape of a packed table) and the head's weight input read, so that it is stored
+    once; None when no initializer is shared so (an untied model, or a pass that untied it)."""
+    consumers = _consumers(proto.graph)
+    for tensor in proto.graph.initializer:
+        uses = list(consumers.get(tensor.name, []))
+        uses += [use for node, _ in uses if node.op_type == "Reshape" for use in consumers.get(node.output[0], [])]
+        gathers = [node.name for node, slot in uses if node.op_type in _GATHERS and slot == 0]
+        heads = [node.name for node, slot in uses if node.op_type in _HEADS and slot == 1]
+        if gathers and heads:
+            return {"initializer": tensor.name, "gather": gathers[0], "head": heads[0]}
+    return None
 
 
 def _consumers(graph: onnx.GraphProto) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
@@ -293,7 +315,7 @@ def _parameter_elements(tensor: TensorProto, uses: list[tuple[onnx.NodeProto, in
 def _is_embedding(tensor: TensorProto, uses: list[tuple[onnx.NodeProto, int]]) -> bool:
     """A 2-D table that only Gathers read: a decode step reads one row of it, not all of it."""
     return len(tensor.dims) == 2 and bool(uses) and all(
-        node.op_type in ("Gather", "GatherBlockQuantized") and slot == 0 for node, slot in uses)
+        node.op_type in _GATHERS and slot == 0 for node, slot in uses)
 
 
 def _files(variant_dir: Path) -> list[dict[str, Any]]:

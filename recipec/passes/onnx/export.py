@@ -14,10 +14,14 @@ overridable default and leaves out of `session.get_inputs()`: consumers that fee
 get the logits of every position (what quality evaluation needs), and recipec's runtime feeds 1 at
 prefill so it does not pay for the vocabulary projection of prompt positions it would throw away.
 
+A tied model (tie_word_embeddings) keeps one [vocab, hidden] table: the embedding Gather and the head,
+`/lm_head/Gemm` with transB=1, both read it; artifact.json names them under graph.tied_embedding.
+
 docs/export.md explains the choices (TorchScript exporter, opset, eager attention, full-length cache).
 """
 from __future__ import annotations
 
+import gc
 import time
 from typing import Any
 
@@ -25,7 +29,7 @@ from recipec.core.params import prop
 from recipec.onnx import artifact as art
 from recipec.passes.base import Pass, StageContext
 from recipec.passes.onnx.trace import MAX_OPSET, MIN_OPSET, export_model, load_torch_model
-from recipec.passes.onnx.verify import verify_model
+from recipec.passes.onnx.verify import check_against, torch_reference
 
 # Families that the tests export, verify and generate with; others are tried and left to verification.
 TESTED_FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "mixtral", "qwen2_moe")
@@ -68,16 +72,21 @@ def apply(ctx: StageContext) -> dict[str, Any]:
         advance(1)
         art.copy_support_files(ctx.input_dir, ctx.output_dir)
         advance(1)
+        reference = torch_reference(model, ctx.output_dir, seed=p["verify_seed"]) if p["verify"] else None
+        # One copy of the weights at a time: PyTorch's goes before onnxruntime loads the graph's.
+        del model
+        gc.collect()
         verification = None
-        if p["verify"]:
-            verification = verify_model(model, ctx.output_dir, atol=p["verify_atol"], rtol=p["verify_rtol"],
-                                        seed=p["verify_seed"])
+        if reference is not None:
+            verification = check_against(ctx.output_dir, reference, atol=p["verify_atol"], rtol=p["verify_rtol"])
             advance(1)
     artifact = art.write_artifact_json(ctx.output_dir, ctx.input_dir, verification=verification)
-    ctx.log(f"exported {family} (opset {p['opset']}, {'external' if external else 'inline'} weights)"
+    ctx.log(f"exported {family} (opset {p['opset']}, {'external' if external else 'inline'} weights"
+            + (", tied embedding" if artifact["graph"]["tied_embedding"] else "") + ")"
             + (f", max |Δlogits| {verification['max_abs_diff']:.2e}" if verification else ", not verified"))
     return {"exporter": "torchscript", "opset": p["opset"], "external_data": external,
             "logits": artifact["logits"]["mode"], "parameters": artifact["weights"]["parameters"],
+            "tied_embedding": artifact["graph"]["tied_embedding"] is not None,
             "bytes": sum(f["bytes"] for f in artifact["files"]), "export_seconds": round(export_seconds, 3),
             "verification": verification}
 

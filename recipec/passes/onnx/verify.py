@@ -1,16 +1,23 @@
 """export's verification: the graph in onnxruntime against the PyTorch model on seeded inputs (a left-padded
-prefill, the same asking for its last position only, a decode step), failing on any logit past tolerance."""
+prefill, the same asking for its last position only, a decode step), failing on any logit past tolerance.
+
+In two steps, so that the model and the session never hold their copies of the weights at once: PyTorch's
+logits are computed first (`torch_reference`, small arrays), the caller frees the model, then onnxruntime
+runs the graph against them (`check_against`)."""
 from __future__ import annotations
 
+import gc
 import inspect
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 
 from recipec.onnx import artifact as art
-from recipec.onnx.sessions import session
+from recipec.onnx.sessions import session as make_session
 from recipec.passes.base import PassError
 from recipec.passes.onnx.trace import load_torch_model, output_cache
 
@@ -21,52 +28,77 @@ _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 def verify_variant(variant_dir: Path | str, model_dir: Path | str, *, atol: float = 1e-3, rtol: float = 1e-3,
                    seed: int = 0) -> dict[str, Any]:
     """Check an existing variant's graph against the PyTorch model in model_dir (raises PassError on mismatch)."""
-    return verify_model(load_torch_model(model_dir), variant_dir, atol=atol, rtol=rtol, seed=seed)
+    reference = torch_reference(load_torch_model(model_dir), variant_dir, seed=seed)
+    gc.collect()  # the model is gone before onnxruntime loads its copy of the weights
+    return check_against(variant_dir, reference, atol=atol, rtol=rtol)
 
 
-def verify_model(model: torch.nn.Module, variant_dir: Path | str, *, atol: float, rtol: float,
-                 seed: int) -> dict[str, Any]:
-    """Run the graph and the model on the same seeded inputs and compare their logits.
+@dataclass
+class Reference:
+    """What PyTorch computed on the verification's inputs; all the check needs once the model is freed."""
 
-    Three cases: a batch-2 prefill whose second row is left-padded (every unpadded position), the same
-    prefill asking for the last position only (when the graph can), and one decode step on the prefill's
-    cache. Each side continues from its own cache, as a runtime would.
-    """
+    seed: int
+    prefill: dict[str, np.ndarray]
+    decode: dict[str, np.ndarray]
+    prefill_logits: np.ndarray
+    decode_logits: np.ndarray
+
+
+def torch_reference(model: torch.nn.Module, variant_dir: Path | str, *, seed: int) -> Reference:
+    """The model's logits on seeded inputs: a batch-2 prefill whose second row is left-padded, then one
+    decode step on its cache. The graph's inputs (read without its weights) decide whether position ids
+    are fed, so both sides get the same feed."""
+    model.eval()
+    if getattr(model.config, "_experts_implementation", None) == "batched_mm":
+        # The export traces batched_mm, which copies each routed expert's weights per token (1.3 GB for
+        # 14 tokens of Qwen1.5-MoE); the per-expert loop computes the same without, and independently.
+        model.set_experts_implementation("eager")
+    graph_inputs = {v.name for v in onnx.load(str(_model_file(variant_dir)), load_external_data=False).graph.input}
+    vocab = model.config.get_text_config().vocab_size
+    prefill = _prefill_case(vocab, seed, "position_ids" in graph_inputs)
+    prefill_logits, cache = _torch_step(model, prefill, None)
+    decode = _decode_case(prefill, seed, vocab)
+    decode_logits, _ = _torch_step(model, decode, cache)
+    return Reference(seed, prefill, decode, prefill_logits, decode_logits)
+
+
+def check_against(variant_dir: Path | str, ref: Reference, *, atol: float, rtol: float) -> dict[str, Any]:
+    """Run the graph on the reference's inputs and compare logits in three cases: every unpadded position of
+    the prefill, the same prefill asking for its last position only (when the graph can), and the decode
+    step, each side continuing from its own cache as a runtime would."""
     import onnxruntime
 
-    model.eval()
-    session = _session(Path(variant_dir) / art.MODEL_FILE)
-    prefill = _prefill_case(model.config.get_text_config().vocab_size, seed, session)
+    session = make_session(_model_file(variant_dir))
     results: dict[str, float] = {}
-    ref, ref_cache = _torch_step(model, prefill, None)
-    outs = _ort_step(session, prefill, None, "prefill")
-    valid = prefill["attention_mask"].astype(bool)
-    results["prefill"] = _compare(outs[0][valid], ref[valid], atol, rtol, "prefill (batch 2, left-padded)")
+    outs = _ort_step(session, ref.prefill, None, "prefill")
+    valid = ref.prefill["attention_mask"].astype(bool)
+    results["prefill"] = _compare(outs[0][valid], ref.prefill_logits[valid], atol, rtol,
+                                  "prefill (batch 2, left-padded)")
     if art.LOGITS_TO_KEEP in {i.name for i in session.get_overridable_initializers()}:
-        last = _ort_step(session, {**prefill, art.LOGITS_TO_KEEP: np.array(1, dtype=np.int64)}, None, "prefill")
-        results["prefill_last"] = _compare(last[0][:, -1], ref[:, -1], atol, rtol, "prefill with logits_to_keep=1")
-    decode = _decode_case(prefill, seed, model.config.get_text_config().vocab_size)
-    ref, _ = _torch_step(model, decode, ref_cache)
-    outs = _ort_step(session, decode, outs[1:], "decode")
-    results["decode"] = _compare(outs[0], ref, atol, rtol, "a decode step after the padded prefill")
-    return {"onnxruntime": onnxruntime.__version__, "atol": atol, "rtol": rtol, "seed": seed,
+        last = _ort_step(session, {**ref.prefill, art.LOGITS_TO_KEEP: np.array(1, dtype=np.int64)}, None, "prefill")
+        results["prefill_last"] = _compare(last[0][:, -1], ref.prefill_logits[:, -1], atol, rtol,
+                                           "prefill with logits_to_keep=1")
+    outs = _ort_step(session, ref.decode, outs[1:], "decode")
+    results["decode"] = _compare(outs[0], ref.decode_logits, atol, rtol, "a decode step after the padded prefill")
+    return {"onnxruntime": onnxruntime.__version__, "atol": atol, "rtol": rtol, "seed": ref.seed,
             **{f"{case}_max_abs_diff": diff for case, diff in results.items()},
             "max_abs_diff": max(results.values())}
 
 
-def _session(path: Path):
+def _model_file(variant_dir: Path | str) -> Path:
+    path = Path(variant_dir) / art.MODEL_FILE
     if not path.is_file():
         raise PassError(f"{path.parent} has no {path.name}")
-    return session(path)
+    return path
 
 
-def _prefill_case(vocab: int, seed: int, session) -> dict[str, np.ndarray]:
+def _prefill_case(vocab: int, seed: int, position_ids: bool) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, vocab, (VERIFY_BATCH, VERIFY_SEQ), dtype=np.int64)
     mask = np.ones_like(ids)
     mask[1, :VERIFY_PADDING] = 0
     feed = {"input_ids": ids, "attention_mask": mask}
-    if "position_ids" in {i.name for i in session.get_inputs()}:
+    if position_ids:
         feed["position_ids"] = np.maximum(mask.cumsum(-1) - 1, 0)
     return feed
 
