@@ -236,7 +236,7 @@ def weight_stats(proto: onnx.ModelProto, model: dict[str, Any] | None = None) ->
     read (untied token and position embeddings), of which a decode step reads one row; a tied table is
     not among them, since the head reads all of it at every step.
     """
-    consumers = _consumers(proto.graph)
+    consumers = node_consumers(proto.graph)
     by_dtype: dict[str, dict[str, int]] = {}
     totals = {"parameters": 0, "expert_parameters": 0, "embedding_parameters": 0, "embedding_bytes": 0}
     experts = (model or {}).get("num_experts")
@@ -264,7 +264,7 @@ def tied_embedding(proto: onnx.ModelProto) -> dict[str, str] | None:
     """{"initializer", "gather", "head"}: the table that both an embedding Gather (or GatherBlockQuantized,
     directly or through a Reshape of a packed table) and the head's weight input read, so that it is stored
     once; None when no initializer is shared so (an untied model, or a pass that untied it)."""
-    consumers = _consumers(proto.graph)
+    consumers = node_consumers(proto.graph)
     for tensor in proto.graph.initializer:
         uses = list(consumers.get(tensor.name, []))
         uses += [use for node, _ in uses if node.op_type == "Reshape" for use in consumers.get(node.output[0], [])]
@@ -275,7 +275,8 @@ def tied_embedding(proto: onnx.ModelProto) -> dict[str, str] | None:
     return None
 
 
-def _consumers(graph: onnx.GraphProto) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
+def node_consumers(graph: onnx.GraphProto) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
+    """value name -> the (node, input slot) pairs that read it."""
     consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     for node in graph.node:
         for slot, name in enumerate(node.input):

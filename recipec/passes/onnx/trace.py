@@ -254,7 +254,7 @@ def _weight_plan(proto: onnx.ModelProto, weights: dict[str, torch.Tensor]) -> li
     Transpose is stored transposed under its reader's name (`model.layers.0.self_attn.q_proj.MatMul.in1`,
     what constant folding gave before), any other under its own name; unread ones are dropped."""
     graph = proto.graph
-    consumers = _consumers(graph)
+    consumers = art.node_consumers(graph)
     taken = {t.name for t in graph.initializer} | {v.name for v in graph.input} | {o for n in graph.node
                                                                                    for o in n.output}
     plan, renames = [], {}
@@ -335,14 +335,6 @@ def _rename_folded_initializers(proto: onnx.ModelProto) -> None:
 
 def _node_label(node: onnx.NodeProto) -> str:
     return node.name.strip("/").replace("/", ".") or node.op_type
-
-
-def _consumers(graph: onnx.GraphProto) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
-    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-    for node in graph.node:
-        for slot, name in enumerate(node.input):
-            consumers.setdefault(name, []).append((node, slot))
-    return consumers
 
 
 def _unique(name: str, taken: set[str]) -> str:
