@@ -227,6 +227,16 @@ def test_fp16_converts_weights_and_keeps_float32_io(quantized, trained):
     assert all(v.type.tensor_type.elem_type != onnx.TensorProto.FLOAT16 for v in proto.graph.output)
 
 
+def test_fp16_with_float16_io_is_scored_on_its_own_input_types(trained, tmp_path):
+    """keep_io_types: false makes the KV cache and logits float16: the fidelity check feeds each graph the
+    types it declares (it fed the input graph's float32 KV tensors to the fp16 graph and crashed)."""
+    metrics = run_quantize(trained, tmp_path, scheme="fp16", keep_io_types=False)
+    proto = _graph(tmp_path)
+    kv = [v for v in proto.graph.input if v.name.startswith("past_key_values.")]
+    assert kv and all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for v in kv)
+    assert metrics["kl_mean"] <= quantize.BOUNDS["fp16"][0]
+
+
 def test_int4_asymmetric_stores_zero_points(trained, tmp_path):
     metrics = run_quantize(trained, tmp_path, scheme="int4", symmetric=False, block_size=64)
     weights = metrics["quantization"]["weights"]
