@@ -199,3 +199,17 @@ def test_peak_memory_catches_a_freed_allocation():
         del block
     assert mem.peak_mb > before + 90
     assert "peak resident set" in mem.source
+
+
+def test_cache_resident_runs_are_flagged_in_report_md(report):
+    """A run whose decode step fits in the last-level cache keeps its MBU, marked, with the reason under the table."""
+    from recipec.profile.markdown import CACHE_MARK, render_markdown
+
+    flagged = copy.deepcopy(report)
+    flagged["hardware"]["last_level_cache_bytes"] = 32 << 20
+    for variant in flagged["variants"].values():
+        for run in variant["serving"]:
+            run["cache_resident"] = True
+    plain, marked = render_markdown(report), render_markdown(flagged)
+    assert CACHE_MARK not in plain
+    assert f"%{CACHE_MARK} |" in marked and "the decode step reads no more bytes than the 32 MiB last-level cache" in marked

@@ -15,6 +15,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 PERCENT = {"mbu", "mfu", "mbu_step", "mfu_prefill", "mfu_decode"}
+CACHE_MARK = "†"
 
 
 def _cell(v: Any, base: Any, with_delta: bool, path: str = "") -> str:
@@ -37,7 +38,9 @@ def _serving_md(report: dict[str, Any]) -> list[str]:
     parts = []
     for runs in _runs_by_key(report).values():
         base = runs.get("baseline")
-        rows = [[f"**{name}**"] + [_cell(get(run, p), get(base, p), name != "baseline", p) for _, p in SERVING_COLUMNS]
+        rows = [[f"**{name}**"] + [_cell(get(run, p), get(base, p), name != "baseline", p)
+                                   + (CACHE_MARK if p == "mbu" and run.get("cache_resident") else "")
+                                   for _, p in SERVING_COLUMNS]
                 for name, run in runs.items()]
         first = next(iter(runs.values()))
         parts += [f"### {run_label(first)}", "",
@@ -45,6 +48,11 @@ def _serving_md(report: dict[str, Any]) -> list[str]:
                   f"output {_len(first.get('output_tokens'))} tokens, max batch {first['max_batch_size']}"
                   + _load_note(runs.values()), "",
                   _table(["variant"] + [c for c, _ in SERVING_COLUMNS], rows), ""]
+        if any(run.get("cache_resident") for run in runs.values()):
+            llc = (report.get("hardware") or {}).get("last_level_cache_bytes")
+            parts += [f"{CACHE_MARK} cache-resident: the decode step reads no more bytes than the "
+                      f"{'' if llc is None else f'{llc / 2**20:.0f} MiB '}last-level cache, so its floor is the "
+                      "cache's bandwidth, not DRAM's; MBU is shown but is not a DRAM utilization.", ""]
     return parts
 
 
