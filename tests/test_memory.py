@@ -8,12 +8,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
+from test_build import recipec
 
 from recipec.core.memory import LIMIT_ENV, max_rss_mb, peak_rss, rss_mb
 
@@ -32,11 +31,6 @@ data:
 """
 NEED = re.compile(r"stage '(\S+)': (.+) needs about ([\d,.]+) (MiB|GiB) of memory \((.+)\) but only ([\d,.]+) MiB is "
                   rf"available \({LIMIT_ENV}=([\d.]+)\)")
-
-
-def recipec(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "recipec.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=600)
 
 
 @pytest.fixture(scope="module")

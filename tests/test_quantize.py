@@ -135,17 +135,22 @@ def _token_gather(proto: onnx.ModelProto) -> onnx.NodeProto:
                 if n.op_type in ("Gather", "GatherBlockQuantized") and n.input[1] == "input_ids")
 
 
-@pytest.fixture(scope="module")
-def quantized(trained, tmp_path_factory):
+def _quantized_once(source: Path, tmp_path_factory, prefix: str):
+    """scheme -> (variant dir, metrics) of `source` quantized with that scheme, each scheme run once."""
     done: dict[str, tuple[Path, dict[str, Any]]] = {}
 
     def get(scheme: str) -> tuple[Path, dict[str, Any]]:
         if scheme not in done:
-            out = tmp_path_factory.mktemp(f"q-{scheme}")
-            done[scheme] = (out, run_quantize(trained, out, scheme=scheme))
+            out = tmp_path_factory.mktemp(f"{prefix}-{scheme}")
+            done[scheme] = (out, run_quantize(source, out, scheme=scheme))
         return done[scheme]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def quantized(trained, tmp_path_factory):
+    return _quantized_once(trained, tmp_path_factory, "q")
 
 
 def _graph(variant: Path) -> onnx.ModelProto:
@@ -335,15 +340,7 @@ def test_embedding_table_becomes_gatherblockquantized(scheme, bits, quantized, t
 
 @pytest.fixture(scope="module")
 def quantized_tied(trained_tied, tmp_path_factory):
-    done: dict[str, tuple[Path, dict[str, Any]]] = {}
-
-    def get(scheme: str) -> tuple[Path, dict[str, Any]]:
-        if scheme not in done:
-            out = tmp_path_factory.mktemp(f"q-tied-{scheme}")
-            done[scheme] = (out, run_quantize(trained_tied, out, scheme=scheme))
-        return done[scheme]
-
-    return get
+    return _quantized_once(trained_tied, tmp_path_factory, "q-tied")
 
 
 @pytest.mark.parametrize("scheme, bits", [("int4", 4), ("int8-dynamic", 8), ("int8-static", 8)])

@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
-from test_build import TINY
+from test_build import TINY, recipec
 
 SLO_RECIPE = TINY.replace("serving:\n", "serving:\n  slo: {ttft_ms: 60000, tpot_ms: 60000}\n") + \
     "gates:\n  - {metric: goodput_rps, min: 0.001, variant: ex17}\n"
-
-
-def recipec(*args, env):
-    return subprocess.run([sys.executable, "-m", "recipec.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=600)
 
 
 @pytest.fixture(scope="module")
