@@ -15,6 +15,7 @@ from recipec.build.cache import StageCache
 from recipec.build.outdir import manifest, recover_interrupted, remove_path, staging_dir, swap_into_place
 from recipec.build.stages import StageRun, run_stages
 from recipec.core import console
+from recipec.core.builddir import VARIANTS
 from recipec.core.diskspace import require_free, tree_bytes
 from recipec.core.memory import release
 from recipec.onnx.sessions import resolve_device
@@ -71,7 +72,7 @@ def assemble(plan: Plan, runs: dict[str, StageRun], staging: Path, device: str, 
     from recipec.deploy.files import write_deploy_files
 
     for variant, stage_id in plan.variants.items():
-        shutil.copytree(runs[stage_id].entry.output, staging / "variants" / variant)
+        shutil.copytree(runs[stage_id].entry.output, staging / VARIANTS / variant)
     (staging / "plan.json").write_text(json.dumps(plan.to_json(), indent=2) + "\n")
     build_manifest = manifest(plan, runs, device)
     (staging / "manifest.json").write_text(json.dumps(build_manifest, indent=2) + "\n")
@@ -95,5 +96,5 @@ def profile_build(plan: Plan, runs: dict[str, StageRun], staging: Path, device: 
                "peak_rss_mb": r.entry.meta.get("peak_rss_mb")} for r in runs.values()]
     return profile_variants(
         name=recipe.name, sha256=recipe.sha256, recipe_path=str(recipe.file), resolved=recipe.resolved,
-        variants={v: staging / "variants" / v for v in plan.variants}, source_dir=runs[SOURCE].entry.output,
+        variants={v: staging / VARIANTS / v for v in plan.variants}, source_dir=runs[SOURCE].entry.output,
         base_dir=recipe.base_dir, device=device, stages=stages)
