@@ -21,10 +21,13 @@ Every step runs through IOBinding: the past is bound as OrtValues where it lives
 allocated on the cache's device, so on CUDA (onnxruntime-gpu) the cache stays on the GPU between steps and
 only the logits come back to the host. The CPU path is the same code with device "cpu" (as fast as
 `InferenceSession.run` here), which is how the CUDA path gets tested without a GPU. `select` and `merge`
-move the cache through host numpy arrays; that happens only when the batch changes.
+stay on the device too: they are small onnxruntime graphs on the same provider (`kv_ops.py`), so a
+request joining or leaving moves the cache within the GPU, never through the host; only the mask, a
+host array, is cut and padded in numpy.
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +39,7 @@ from recipec.core.files import TOKENIZER_MODEL_FILES
 from recipec.onnx import artifact as art
 from recipec.onnx.sessions import resolve_device, session
 from recipec.errors import PassError
+from recipec.runtime.kv_ops import KVOps
 
 _NUMPY_TYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -45,6 +49,8 @@ class KVCache:
     keys: list[Any]  # per layer [B, H, T, D]: an onnxruntime OrtValue on the session's device, or np.ndarray
     values: list[Any]
     mask: np.ndarray  # int64 [B, T]: 1 where the cache holds a real token
+    # The model's moves, on its device; a cache built by hand (numpy) gets CPU ones.
+    ops: KVOps | None = field(default=None, repr=False, compare=False)
 
     @property
     def batch_size(self) -> int:
@@ -63,28 +69,29 @@ class KVCache:
         rows = np.asarray(rows, dtype=np.int64)
         mask = self.mask[rows]
         start = _first_used_column(mask)
-        return KVCache([_host(k)[rows, :, start:] for k in self.keys],
-                       [_host(v)[rows, :, start:] for v in self.values], mask[:, start:])
+        return self._with(self._ops().select(self._tensors(), rows, start), mask[:, start:])
 
     def merge(self, other: "KVCache") -> "KVCache":
         """This cache's rows followed by other's; the shorter one is left-padded to the longer length."""
         length = max(self.seq_len, other.seq_len)
-        a, b = self._left_padded(length), other._left_padded(length)
-        return KVCache([np.concatenate(pair) for pair in zip(a.keys, b.keys, strict=True)],
-                       [np.concatenate(pair) for pair in zip(a.values, b.values, strict=True)],
-                       np.concatenate([a.mask, b.mask]))
-
-    def _left_padded(self, length: int) -> "KVCache":
-        pad = length - self.seq_len
-        if pad == 0:
-            return self.host()
-        widths = ((0, 0), (0, 0), (pad, 0), (0, 0))
-        return KVCache([np.pad(_host(k), widths) for k in self.keys], [np.pad(_host(v), widths) for v in self.values],
-                       np.pad(self.mask, ((0, 0), (pad, 0))))
+        pad, other_pad = length - self.seq_len, length - other.seq_len
+        tensors = self._ops().merge(self._tensors(), other._tensors(), pad, other_pad)
+        mask = np.concatenate([np.pad(self.mask, ((0, 0), (pad, 0))), np.pad(other.mask, ((0, 0), (other_pad, 0)))])
+        return self._with(tensors, mask)
 
     def host(self) -> "KVCache":
         """The same cache with numpy arrays (a copy from the device where it lives on one)."""
-        return KVCache([_host(k) for k in self.keys], [_host(v) for v in self.values], self.mask)
+        return KVCache([_host(k) for k in self.keys], [_host(v) for v in self.values], self.mask, self.ops)
+
+    def _tensors(self) -> list[Any]:
+        return [*self.keys, *self.values]
+
+    def _with(self, tensors: list[Any], mask: np.ndarray) -> "KVCache":
+        layers = len(self.keys)
+        return KVCache(tensors[:layers], tensors[layers:], mask, self.ops)
+
+    def _ops(self) -> KVOps:
+        return self.ops if self.ops is not None else _cpu_ops()
 
 
 def _first_used_column(mask: np.ndarray) -> int:
@@ -94,6 +101,11 @@ def _first_used_column(mask: np.ndarray) -> int:
 
 def _host(tensor: Any) -> np.ndarray:
     return tensor if isinstance(tensor, np.ndarray) else tensor.numpy()
+
+
+@functools.cache
+def _cpu_ops() -> KVOps:
+    return KVOps("cpu")
 
 
 @dataclass
@@ -127,6 +139,8 @@ class OnnxLM:
         self._outputs = ["logits", *art.kv_names(kv["outputs"], self.num_layers)]
         self._inputs = {i.name for i in session.get_inputs()}
         self._select_logits = art.LOGITS_TO_KEEP in {i.name for i in session.get_overridable_initializers()}
+        self._kv_ops = KVOps(device)
+        self._kv_ops.prepare(self.kv_dtype, 2 * self.num_layers)
         eos = artifact["model"].get("eos_token_id")
         self.eos_token_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         pad = artifact["model"].get("pad_token_id")
@@ -138,7 +152,7 @@ class OnnxLM:
         shape = (batch_size, self.kv_heads, 0, self.head_dim)
         return KVCache([np.zeros(shape, self.kv_dtype) for _ in range(self.num_layers)],
                        [np.zeros(shape, self.kv_dtype) for _ in range(self.num_layers)],
-                       np.zeros((batch_size, 0), np.int64))
+                       np.zeros((batch_size, 0), np.int64), self._kv_ops)
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, KVCache]:
         """Run left-padded prompts; returns the logits of each prompt's last token [B, V] and the cache."""
@@ -174,7 +188,7 @@ class OnnxLM:
         past = [t for pair in zip(cache.keys, cache.values, strict=True) for t in pair]
         outputs = self._run(feeds, past)
         logits = outputs[0] if self._select_logits or logits_to_keep == 0 else outputs[0][:, -logits_to_keep:]
-        return _host(logits), KVCache(list(outputs[1::2]), list(outputs[2::2]), mask)
+        return _host(logits), KVCache(list(outputs[1::2]), list(outputs[2::2]), mask, self._kv_ops)
 
     def _run(self, feeds: dict[str, np.ndarray], past: list[Any]) -> list[Any]:
         """One session run through IOBinding: past OrtValues are bound where they live, presents are
