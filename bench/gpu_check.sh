@@ -145,7 +145,7 @@ for run in r["runs"]:
     if spec:
         u = mbu(decode_step_bytes(c["weight_bytes_per_decode_step"], c["kv_bytes_per_token"], b, P, O), tpot, spec["bw"])
         flops = b * (prefill_flops(cost, P) + sum(decode_flops(cost, P + i + 1) for i in range(O - 1)))
-        extra = f"  MBU {100 * u:.1f}%  MFU {100 * flops / (e2e / 1e3) / (spec['tflops'] * 1e12):.1f}%"
+        extra = f"  MBU {100 * u:.1f}%  MFU {100 * flops / (e2e / 1e3) / (spec['tflops']['float16'] * 1e12):.1f}%"
     print(f"batch {b}: TTFT {ttft:.2f} ms  TPOT {tpot:.2f} ms  {p50(s['output_throughput_tok_s']):.0f} tok/s  "
           f"peak {run['peak_memory_mb']:.0f} MiB{extra}")
 EOF

@@ -120,5 +120,17 @@ def test_the_bandwidth_buffer_is_far_past_the_last_level_cache():
 def test_known_gpus_tell_nvl_from_sxm():
     from recipec.profile.hardware import known_gpu
 
-    assert known_gpu("NVIDIA H200 NVL")["tflops"] == 835 and known_gpu("NVIDIA H200")["tflops"] == 989
+    assert known_gpu("NVIDIA H200 NVL")["tflops"]["float16"] == 835 and known_gpu("NVIDIA H200")["tflops"]["float16"] == 989
     assert known_gpu("NVIDIA H100 NVL")["bw"] == 3900 and known_gpu("NVIDIA H100 80GB HBM3")["bw"] == 3350
+
+
+def test_mfu_divides_by_the_peak_of_the_dtype_the_variant_computes_in():
+    from recipec.profile.hardware import known_gpu, peak_tflops_for
+
+    h100 = {"device": "cuda", "peak_tflops_by_dtype": {"tflops": known_gpu("NVIDIA H100 80GB HBM3")["tflops"]}}
+    assert peak_tflops_for(h100, "float16") == (989, "float16")
+    assert peak_tflops_for(h100, "int8") == (1979, "int8")
+    assert peak_tflops_for(h100, "float32") == (494, "tf32")  # fp32 matmuls run on TF32 tensor cores
+    cpu = {"device": "cpu", "peak_tflops_by_dtype": {"tflops": {"float32": 0.2, "int8": 0.5}}}
+    assert peak_tflops_for(cpu, "float32") == (0.2, "float32") and peak_tflops_for(cpu, "int8") == (0.5, "int8")
+    assert peak_tflops_for(cpu, "float16") == (None, "float16")

@@ -27,7 +27,8 @@ SPEC = {"batching": {"policy": ["static", "continuous"], "max_batch_size": 4},
 COST = ModelCost(weight_bytes_per_step=10_000, active_params=5_000, num_layers=2, num_heads=4, num_kv_heads=2,
                  head_dim=8, kv_bytes_per_elem=4)
 HW = {"device": "cpu", "name": "test cpu", "peak_bandwidth_gb_s": 0.001, "peak_bandwidth_source": "test value",
-      "peak_tflops": 1e-6, "peak_tflops_source": "test value"}
+      "peak_tflops": 1e-6, "peak_tflops_source": "test value",
+      "peak_tflops_by_dtype": {"tflops": {"float32": 1e-6}, "source": "test value"}}
 
 
 def fake_variant(speed: float, name: str) -> dict:
@@ -160,6 +161,7 @@ def test_end_to_end_profile_of_a_tiny_exported_model(tmp_path):
         assert run["tpot_ms"]["p50"] > 0 and run["mbu"] > 0 and run["mfu"] > 0
         assert run["peak_memory_mb"] > 20 and "serving process" in run["peak_memory_source"]
     assert v["artifact"]["parameters"] > 0 and v["artifact"]["bytes"] > 4 * v["artifact"]["parameters"] * 0.9
+    assert v["artifact"]["compute_dtype"] == {"dtype": "float32", "peak_dtype": "float32", "peak_tflops": 1e-6}
     report = build_report({"name": "tiny-e2e", "sha256": "cd" * 32}, HW, {"baseline": v},
                           [{"metric": "kl_divergence", "max": 1e-4}])
     validate_report(report)

@@ -12,6 +12,7 @@ Sections:
 - logits: whether the graph can skip the vocabulary projection of positions a caller does not need.
 - weights: elements and bytes of the initializers by dtype (external data counted, never loaded), the
   parameter count, MoE active parameters and the embedding tables (see `weight_stats`).
+- compute_dtype: per device, the dtype most of the matmul weights are multiplied in (see `compute_dtypes`).
 - verification: the export's check against PyTorch (null on variants nobody compared).
 - files: every file of the directory with its size.
 
@@ -110,6 +111,7 @@ def write_artifact_json(variant_dir: Path | str, model_dir_or_config: Any = None
         "kv_cache": kv_cache_layout(graph),
         "logits": logits_mode(graph),
         "weights": weight_stats(proto, model),
+        "compute_dtype": compute_dtypes(proto),
         "verification": verification,
     }
     (variant_dir / ARTIFACT_FILE).unlink(missing_ok=True)
@@ -234,12 +236,17 @@ def weight_stats(proto: onnx.ModelProto, model: dict[str, Any] | None = None) ->
     models, the experts a token does not use: tensors of rank 3 whose first dim is `num_experts` count
     `num_experts_per_tok / num_experts` of their elements. `embedding_*` are the tables only Gathers
     read (untied token and position embeddings), of which a decode step reads one row; a tied table is
-    not among them, since the head reads all of it at every step.
+    not among them, since the head reads all of it at every step. `bytes_per_decode_step` is what one
+    batch-1 decode step reads: every initializer as stored (packed int4 with its scales) except those
+    embedding tables, and of each expert tensor its routed share, tensor by tensor, so experts and attention
+    stored at different precisions each count at their own bytes.
     """
     consumers = node_consumers(proto.graph)
     by_dtype: dict[str, dict[str, int]] = {}
-    totals = {"parameters": 0, "expert_parameters": 0, "embedding_parameters": 0, "embedding_bytes": 0}
+    totals = {"parameters": 0, "expert_parameters": 0, "embedding_parameters": 0, "embedding_bytes": 0,
+              "step_bytes": 0.0}
     experts = (model or {}).get("num_experts")
+    routed = _routed_share(model)
     for tensor in proto.graph.initializer:
         elements, nbytes = _elements(tensor), tensor_bytes(tensor)
         entry = by_dtype.setdefault(dtype_name(tensor.data_type), {"elements": 0, "bytes": 0})
@@ -247,17 +254,72 @@ def weight_stats(proto: onnx.ModelProto, model: dict[str, Any] | None = None) ->
         entry["bytes"] += nbytes
         params = _parameter_elements(tensor, consumers.get(tensor.name, []))
         totals["parameters"] += params
-        if experts and len(tensor.dims) == 3 and tensor.dims[0] == experts:
+        expert = bool(experts) and len(tensor.dims) == 3 and tensor.dims[0] == experts
+        if expert:
             totals["expert_parameters"] += params
         if _is_embedding(tensor, consumers.get(tensor.name, [])):
             totals["embedding_parameters"] += params
             totals["embedding_bytes"] += nbytes
-    active = totals["parameters"]
-    if totals["expert_parameters"] and (model or {}).get("num_experts_per_tok"):
-        active -= round(totals["expert_parameters"] * (1 - model["num_experts_per_tok"] / experts))
+        else:
+            totals["step_bytes"] += nbytes * (routed if expert else 1.0)
+    active = totals["parameters"] - round(totals["expert_parameters"] * (1 - routed))
     return {"parameters": totals["parameters"], "active_parameters": active,
             "bytes": sum(e["bytes"] for e in by_dtype.values()), "by_dtype": dict(sorted(by_dtype.items())),
-            "embedding_parameters": totals["embedding_parameters"], "embedding_bytes": totals["embedding_bytes"]}
+            "embedding_parameters": totals["embedding_parameters"], "embedding_bytes": totals["embedding_bytes"],
+            "bytes_per_decode_step": int(round(totals["step_bytes"]))}
+
+
+def _routed_share(model: dict[str, Any] | None) -> float:
+    """The share of each expert tensor one token reads and multiplies: top-k of the experts (1 if dense)."""
+    experts, top_k = (model or {}).get("num_experts"), (model or {}).get("num_experts_per_tok")
+    return top_k / experts if experts and top_k else 1.0
+
+
+_INTEGER_MATMULS = ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QLinearMatMul")
+
+
+def compute_dtypes(proto: onnx.ModelProto) -> dict[str, str]:
+    """{"cpu": dtype, "cuda": dtype}: the dtype of the arithmetic that multiplies most weight elements, the
+    dtype whose peak FLOP/s an MFU divides by. Integer matmuls (and a DequantizeLinear feeding a float one,
+    which onnxruntime fuses into an integer kernel) compute in int8. MatMulNBits computes in its scales'
+    dtype, except that the CPU kernel quantizes activations to int8 at accuracy_level 4 (the CUDA kernel
+    ignores accuracy_level). Float matmuls compute in their weight's dtype."""
+    inits = {t.name: t for t in proto.graph.initializer}
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    elements: dict[str, dict[str, int]] = {"cpu": {}, "cuda": {}}
+    for node in proto.graph.node:
+        kinds = _matmul_dtypes(node, inits, producer)
+        if kinds is None:
+            continue
+        weight, (cpu, cuda) = kinds
+        for device, dtype in (("cpu", cpu), ("cuda", cuda)):
+            elements[device][dtype] = elements[device].get(dtype, 0) + weight
+    return {device: max(sorted(counts), key=counts.get) if counts else "float32"
+            for device, counts in elements.items()}
+
+
+def _matmul_dtypes(node: onnx.NodeProto, inits: dict[str, TensorProto],
+                   producer: dict[str, onnx.NodeProto]) -> tuple[int, tuple[str, str]] | None:
+    """(weight elements, (cpu dtype, cuda dtype)) of a matmul node with a constant weight, else None."""
+    if node.op_type == "MatMulNBits":
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        scale = dtype_name(inits[node.input[2]].data_type) if node.input[2] in inits else "float32"
+        cpu = "int8" if attrs.get("accuracy_level", 0) == 4 else scale
+        return int(attrs["N"]) * int(attrs["K"]), (cpu, scale)
+    if node.op_type in _INTEGER_MATMULS or node.op_type in _HEADS:
+        slot = 3 if node.op_type == "QLinearMatMul" else 1
+        name = node.input[slot] if len(node.input) > slot else ""
+        source = producer.get(name)
+        if source is not None and source.op_type == "Transpose":  # a tied head reads the table transposed
+            name, source = source.input[0], producer.get(source.input[0])
+        if source is not None and source.op_type == "DequantizeLinear":
+            name, dtype = source.input[0], "int8"
+        elif name in inits:
+            dtype = "int8" if node.op_type in _INTEGER_MATMULS else dtype_name(inits[name].data_type)
+        else:
+            return None
+        return (_elements(inits[name]) if name in inits else 0), (dtype, dtype)
+    return None
 
 
 def tied_embedding(proto: onnx.ModelProto) -> dict[str, str] | None:
@@ -314,9 +376,10 @@ def _parameter_elements(tensor: TensorProto, uses: list[tuple[onnx.NodeProto, in
 
 
 def _is_embedding(tensor: TensorProto, uses: list[tuple[onnx.NodeProto, int]]) -> bool:
-    """A 2-D table that only Gathers read: a decode step reads one row of it, not all of it."""
+    """A 2-D table (or a quantized table's per-row scales and zero points) that only Gathers read: a decode
+    step reads one row of it, not all of it."""
     return len(tensor.dims) == 2 and bool(uses) and all(
-        node.op_type in _GATHERS and slot == 0 for node, slot in uses)
+        node.op_type in _GATHERS and (slot == 0 or node.op_type == "GatherBlockQuantized") for node, slot in uses)
 
 
 def _files(variant_dir: Path) -> list[dict[str, Any]]:

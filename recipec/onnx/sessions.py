@@ -45,13 +45,18 @@ def providers_for(device: str) -> list[str]:
 
 
 def session(path: Path, device: str = "cpu", level: ort.GraphOptimizationLevel | None = None,
-            optimized_path: Path | None = None, external: bool = False, threads: int | None = None) -> ort.InferenceSession:
+            optimized_path: Path | None = None, external: bool = False, threads: int | None = None,
+            profile_prefix: Path | None = None) -> ort.InferenceSession:
     """The one session factory. With optimized_path, onnxruntime also writes its optimized graph there
-    (offline mode); a graph onnxruntime cannot load is a PassError naming the file."""
+    (offline mode); with profile_prefix, it records a trace that end_profiling() writes beside that prefix
+    (recipec.onnx.placement reads it). A graph onnxruntime cannot load is a PassError naming the file."""
     options = ort.SessionOptions()
     options.log_severity_level = 3  # the overridable logits_to_keep initializer draws a warning on every load
     if threads:
         options.intra_op_num_threads = threads
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
     if level is not None:
         options.graph_optimization_level = level
     if optimized_path is not None:
@@ -127,6 +132,10 @@ class DecoderIO:
         mask = np.concatenate([previous["attention_mask"], np.ones((batch, seq), np.int64)], axis=1)
         past = {name: present for (name, _, _), present in zip(self.past, presents)}
         return {"input_ids": next_ids.astype(np.int64), "attention_mask": mask, **self._positions(mask, seq), **past}
+
+    def presents(self, outputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The present.* outputs of a run, in the order step() takes them."""
+        return [outputs[_present(name)] for name, _, _ in self.past]
 
     def _positions(self, mask: np.ndarray, seq: int) -> dict[str, np.ndarray]:
         if not self.has_position_ids:

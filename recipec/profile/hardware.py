@@ -14,34 +14,31 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-# Dense (no 2:4 sparsity) fp16/bf16 tensor-core TFLOP/s and HBM/GDDR bandwidth, from NVIDIA's datasheets.
-# Ordered: the first pattern that matches torch.cuda.get_device_name() wins (PCIe/NVL before SXM).
+# Dense (no 2:4 sparsity) TFLOP/s per dtype (int8: TOPS) and HBM/GDDR bandwidth, from NVIDIA's datasheets,
+# which print tensor-core numbers with sparsity: the dense figure is half. "float32" is the CUDA-core FP32
+# rate; "tf32" is what fp32 matmuls reach on tensor cores (onnxruntime's CUDA provider uses TF32 unless
+# use_tf32=0). Ordered: the first pattern that matches the device name wins (PCIe/NVL before SXM).
+def _gpu(name: str, bw: float, memory_gb: float, fp32: float, tf32: float, fp16: float, int8: float,
+         sheet: str) -> dict[str, Any]:
+    return {"name": name, "bw": bw, "memory_gb": memory_gb,
+            "tflops": {"float32": fp32, "tf32": tf32, "float16": fp16, "bfloat16": fp16, "int8": int8},
+            "source": f"NVIDIA {sheet} datasheet: {bw:,} GB/s; dense TFLOP/s FP32 {fp32}, TF32 {tf32}, "
+                      f"FP16/BF16 {fp16}, INT8 {int8} TOPS (half the with-sparsity figures)"}
+
+
 KNOWN_GPUS: list[tuple[str, dict[str, Any]]] = [
-    (r"H200.*NVL", {"name": "H200 NVL 141GB", "bw": 4800, "tflops": 835,
-                    "source": "NVIDIA H200 Tensor Core GPU datasheet (NVL): 4.8 TB/s, 1,671 TFLOP/s FP16 with "
-                              "sparsity = 835 dense"}),
-    (r"H200", {"name": "H200 SXM 141GB", "bw": 4800, "tflops": 989,
-               "source": "NVIDIA H200 Tensor Core GPU datasheet (SXM): 4.8 TB/s, 989 TFLOP/s dense FP16/BF16"}),
-    (r"H100.*PCIe", {"name": "H100 PCIe 80GB", "bw": 2000, "tflops": 756,
-                     "source": "NVIDIA H100 datasheet (PCIe): 2 TB/s, 1,513 TFLOP/s FP16 with sparsity = 756 dense"}),
-    (r"H100.*NVL", {"name": "H100 NVL 94GB", "bw": 3900, "tflops": 835,
-                    "source": "NVIDIA H100 datasheet (NVL): 3.9 TB/s, 1,671 TFLOP/s FP16 with sparsity = 835 dense"}),
-    (r"H100", {"name": "H100 SXM 80GB", "bw": 3350, "tflops": 989,
-               "source": "NVIDIA H100 datasheet (SXM): 3.35 TB/s, 1,979 TFLOP/s FP16 with sparsity = 989 dense"}),
-    (r"A100.*(80GB.*PCIe|PCIE.*80GB)", {"name": "A100 PCIe 80GB", "bw": 1935, "tflops": 312,
-                                        "source": "NVIDIA A100 datasheet (80GB PCIe): 1,935 GB/s, 312 TFLOP/s FP16 dense"}),
-    (r"A100.*80GB", {"name": "A100 SXM 80GB", "bw": 2039, "tflops": 312,
-                     "source": "NVIDIA A100 datasheet (80GB SXM): 2,039 GB/s, 312 TFLOP/s FP16 dense"}),
-    (r"A100", {"name": "A100 40GB", "bw": 1555, "tflops": 312,
-               "source": "NVIDIA A100 datasheet (40GB): 1,555 GB/s, 312 TFLOP/s FP16 dense"}),
-    (r"L40S", {"name": "L40S", "bw": 864, "tflops": 362,
-               "source": "NVIDIA L40S datasheet: 864 GB/s, 733 TFLOP/s FP16 with sparsity = 362 dense"}),
-    (r"\bL4\b", {"name": "L4", "bw": 300, "tflops": 121,
-                 "source": "NVIDIA L4 datasheet: 300 GB/s, 242 TFLOP/s FP16 with sparsity = 121 dense"}),
-    (r"\bA10\b", {"name": "A10", "bw": 600, "tflops": 125,
-                  "source": "NVIDIA A10 datasheet: 600 GB/s, 250 TFLOP/s FP16 with sparsity = 125 dense"}),
-    (r"T4\b", {"name": "T4", "bw": 320, "tflops": 65,
-               "source": "NVIDIA T4 datasheet: 320 GB/s, 65 TFLOP/s FP16 mixed precision"}),
+    (r"H200.*NVL", _gpu("H200 NVL 141GB", 4800, 141, 60, 418, 835, 1671, "H200 (NVL)")),
+    (r"H200", _gpu("H200 SXM 141GB", 4800, 141, 67, 494, 989, 1979, "H200 (SXM)")),
+    (r"H100.*PCIe", _gpu("H100 PCIe 80GB", 2000, 80, 51, 378, 756, 1513, "H100 (PCIe)")),
+    (r"H100.*NVL", _gpu("H100 NVL 94GB", 3900, 94, 60, 418, 835, 1671, "H100 (NVL)")),
+    (r"H100", _gpu("H100 SXM 80GB", 3350, 80, 67, 494, 989, 1979, "H100 (SXM)")),
+    (r"A100.*(80GB.*PCIe|PCIE.*80GB)", _gpu("A100 PCIe 80GB", 1935, 80, 19.5, 156, 312, 624, "A100 (80GB PCIe)")),
+    (r"A100.*80GB", _gpu("A100 SXM 80GB", 2039, 80, 19.5, 156, 312, 624, "A100 (80GB SXM)")),
+    (r"A100", _gpu("A100 40GB", 1555, 40, 19.5, 156, 312, 624, "A100 (40GB)")),
+    (r"L40S", _gpu("L40S", 864, 48, 91.6, 183, 362, 733, "L40S")),
+    (r"\bL4\b", _gpu("L4", 300, 24, 30.3, 60, 121, 242, "L4")),
+    (r"\bA10\b", _gpu("A10", 600, 24, 31.2, 62.5, 125, 250, "A10")),
+    (r"T4\b", _gpu("T4", 320, 16, 8.1, 8.1, 65, 130, "T4")),
 ]
 
 # A decode step streams its weights once: the peak it can reach is a read-dominated stream over a buffer far
@@ -127,7 +124,7 @@ def measure_bandwidth(device: str = "cpu", llc: int | None = None) -> tuple[floa
 def measure_tflops(device: str = "cpu") -> tuple[float, str]:
     """TFLOP/s of a square matmul: fp32 on CPU, fp16 on CUDA (the tensor-core dtype LLMs run in)."""
     torch, sync = _torch_device(device)
-    n, dtype = (2048, torch.float32) if device == "cpu" else (8192, torch.float16)
+    n, dtype = (_MATMUL_N, torch.float32) if device == "cpu" else (8192, torch.float16)
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
     c = torch.empty(n, n, dtype=dtype, device=device)
@@ -135,6 +132,72 @@ def measure_tflops(device: str = "cpu") -> tuple[float, str]:
     threads = f", {torch.get_num_threads()} threads" if device == "cpu" else ""
     how = f"measured: best of {reps} {n}x{n} {str(dtype).removeprefix('torch.')} matmuls with torch{threads}"
     return rate / 1e12, how
+
+
+def measure_onnxruntime_tflops(dtype: str) -> tuple[float | None, str]:
+    """TFLOP/s (int8: TOPS) of onnxruntime's own CPU kernel for a square matmul in `dtype`: float16 MatMul,
+    or int8 MatMulInteger (uint8 x int8 -> int32, the kernel int8 variants run). torch has no fast CPU path
+    for these, and the variants run on onnxruntime's kernels anyway."""
+    import tempfile
+
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    from recipec.errors import PassError
+    from recipec.onnx.sessions import session
+
+    n = _MATMUL_N
+    op, a_type, b_type, out_type, a_np, b_np = _ORT_MATMULS[dtype]
+    value_info = lambda name, elem: helper.make_tensor_value_info(name, getattr(TensorProto, elem), [n, n])  # noqa: E731
+    graph = helper.make_graph([helper.make_node(op, ["a", "b"], ["c"])], "peak",
+                              [value_info("a", a_type), value_info("b", b_type)], [value_info("c", out_type)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    rng = np.random.default_rng(0)
+    feeds = {"a": rng.integers(0, 100, (n, n)).astype(a_np), "b": rng.integers(-50, 50, (n, n)).astype(b_np)}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "peak.onnx"
+        path.write_bytes(model.SerializeToString())
+        try:
+            sess = session(path, "cpu")
+        except PassError as exc:
+            return None, f"not measured: onnxruntime has no CPU {op} for {dtype} ({exc})"
+        rate, reps = _best_rate(lambda: sess.run(None, feeds), 2.0 * n**3, lambda: None)
+    return rate / 1e12, f"measured: best of {reps} {n}x{n} {dtype} {op}s with onnxruntime's CPU provider"
+
+
+_MATMUL_N = 2048
+_ORT_MATMULS = {
+    "float16": ("MatMul", "FLOAT16", "FLOAT16", "FLOAT16", "float16", "float16"),
+    "int8": ("MatMulInteger", "UINT8", "INT8", "INT32", "uint8", "int8"),
+}
+
+
+def peaks_by_dtype(device: str, name: str, measured: tuple[float, str] | None) -> dict[str, Any]:
+    """{"tflops": {dtype: TFLOP/s}, "source"}: a known GPU's datasheet, or the rates measured here: on a CPU
+    float32 with torch (`measured`), float16 and int8 with onnxruntime's kernels; on an unknown GPU torch's
+    fp16 matmul only. An MFU divides by the peak of the dtype its variant computes in (`peak_tflops_for`)."""
+    spec = known_gpu(name) if device == "cuda" else None
+    if spec:
+        return {"tflops": dict(spec["tflops"]), "source": spec["source"]}
+    if measured is None:
+        return {"tflops": {}, "source": "not measured"}
+    if device != "cpu":
+        return {"tflops": {"float16": measured[0]}, "source": f"float16 {measured[1]}"}
+    tflops, sources = {"float32": measured[0]}, [f"float32 {measured[1]}"]
+    for dtype in _ORT_MATMULS:
+        value, how = measure_onnxruntime_tflops(dtype)
+        if value is not None:
+            tflops[dtype] = value
+        sources.append(f"{dtype} {how}")
+    return {"tflops": tflops, "source": "; ".join(sources)}
+
+
+def peak_tflops_for(hardware: dict[str, Any], compute_dtype: str) -> tuple[float | None, str]:
+    """(peak TFLOP/s, the dtype it is the peak of) for a variant computing in `compute_dtype` on the
+    hardware_info() `hardware`: fp32 matmuls on a CUDA GPU run on TF32 tensor cores."""
+    by_dtype = (hardware.get("peak_tflops_by_dtype") or {}).get("tflops") or {}
+    key = "tf32" if hardware.get("device") == "cuda" and compute_dtype == "float32" else compute_dtype
+    return by_dtype.get(key), key
 
 
 def torch_cuda() -> bool:
@@ -186,10 +249,12 @@ def hardware_info(device: str = "cpu", measure: bool = True) -> dict[str, Any]:
         info["measured_bandwidth_gb_s"], info["measured_bandwidth_method"] = measure_bandwidth(
             device, info.get("last_level_cache_bytes"))
         info["measured_tflops"], info["measured_tflops_method"] = measure_tflops(device)
+    measured = (info["measured_tflops"], info["measured_tflops_method"]) if measure else None
+    info["peak_tflops_by_dtype"] = peaks_by_dtype(device, info["name"], measured)
     spec = known_gpu(info["name"]) if device == "cuda" else None
     if spec:
         info.update(peak_bandwidth_gb_s=float(spec["bw"]), peak_bandwidth_source=spec["source"],
-                    peak_tflops=float(spec["tflops"]), peak_tflops_source=spec["source"])
+                    peak_tflops=float(spec["tflops"]["float16"]), peak_tflops_source=spec["source"])
     elif measure:
         info.update(peak_bandwidth_gb_s=info["measured_bandwidth_gb_s"],
                     peak_bandwidth_source=info["measured_bandwidth_method"],

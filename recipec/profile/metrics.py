@@ -156,7 +156,7 @@ def efficiency(steps: Sequence[StepRecord], cost: ModelCost, peaks: Peaks,
     includes queueing, so FLOPs/TTFT under load would measure the queue, not the chip."""
     dec = [s for s in steps if s.kind == "decode"]
     pre = [s for s in steps if s.kind == "prefill"]
-    bw, fl = peaks.bandwidth_gb_s * 1e9, peaks.tflops * 1e12
+    bw, fl = peaks.bandwidth_gb_s * 1e9, (peaks.tflops or 0.0) * 1e12  # no peak: that utilization is null
     mean_bytes = float(np.mean([decode_step_bytes(cost, s) for s in dec])) if dec else None
     dec_t = sum(s.seconds for s in dec)
     pre_t = sum(s.seconds for s in pre)

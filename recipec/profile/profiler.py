@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from recipec.core.diskspace import tree_bytes
+from recipec.errors import PassError
 from recipec.runtime.engine import CacheOps, Engine, Policy, RealClock
 from recipec.profile.loadgen import Workload, run_closed_loop, run_open_loop
 from recipec.profile.memory import PeakMemory
@@ -75,15 +76,22 @@ def load_model(variant_dir: Path, device: str, threads: int = 0):
 
 
 def serve_runs(variant_dir: Path, device: str, runs: Sequence[dict[str, Any]], threads: int = 0,
-               log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """Load the variant and measure each run; raw timestamps out, metrics are computed by the caller."""
-    from recipec.onnx.artifact import read_artifact
+               log: Callable[[str], None] = lambda s: None, allow_cpu_fallback: bool = True) -> dict[str, Any]:
+    """Find where onnxruntime places the variant's nodes, then load it and measure each run; raw timestamps
+    out, metrics are computed by the caller. A placement with CPU fallback that is not allowed skips the runs:
+    the caller fails the variant, and the runs would have taken the serving time for nothing."""
+    from recipec.onnx.artifact import MODEL_FILE, read_artifact
+    from recipec.onnx.placement import measure_placement
 
+    log("placement: one profiled prefill and decode step")
+    placement = measure_placement(Path(variant_dir) / MODEL_FILE, device, threads or None)
+    if placement["fallback_ops"] and not allow_cpu_fallback:
+        return {"placement": placement, "load_seconds": None, "runs": []}
     vocab = int(read_artifact(variant_dir)["model"]["vocab_size"])
     t0 = time.perf_counter()
     model = load_model(Path(variant_dir), device, threads)
     load_s = time.perf_counter() - t0
-    return {"load_seconds": load_s, "runs": measure_runs(model, runs, vocab, device, log=log)}
+    return {"placement": placement, "load_seconds": load_s, "runs": measure_runs(model, runs, vocab, device, log=log)}
 
 
 def measure_runs(model, runs: Sequence[dict[str, Any]], vocab_size: int, device: str = "cpu", clock=None,
@@ -113,16 +121,18 @@ def _one_run(model, run: dict[str, Any], vocab: int, clock, cache_ops):
 def _worker_main(argv: list[str]) -> int:
     job = json.loads(Path(argv[0]).read_text())
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    result = serve_runs(Path(job["variant_dir"]), job["device"], job["runs"], job.get("threads", 0), log)
+    result = serve_runs(Path(job["variant_dir"]), job["device"], job["runs"], job.get("threads", 0), log,
+                        job.get("allow_cpu_fallback", True))
     Path(argv[1]).write_text(json.dumps(result))
     return 0
 
 
 def _serve_isolated(variant_dir: Path, device: str, runs: list[dict[str, Any]], threads: int,
-                    log: Callable[[str], None]) -> dict[str, Any]:
+                    log: Callable[[str], None], allow_cpu_fallback: bool = True) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="recipec-profile-") as tmp:
         job, out = Path(tmp) / "job.json", Path(tmp) / "out.json"
-        job.write_text(json.dumps({"variant_dir": str(variant_dir), "device": device, "runs": runs, "threads": threads}))
+        job.write_text(json.dumps({"variant_dir": str(variant_dir), "device": device, "runs": runs, "threads": threads,
+                                   "allow_cpu_fallback": allow_cpu_fallback}))
         root = str(Path(__file__).resolve().parents[2])  # importable even when recipec is not installed
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         proc = subprocess.Popen([sys.executable, "-m", "recipec.profile.profiler", "worker", str(job), str(out)],
@@ -139,13 +149,12 @@ def _serve_isolated(variant_dir: Path, device: str, runs: list[dict[str, Any]], 
 def model_cost(art: dict[str, Any]) -> ModelCost:
     """From artifact.json. Embedding tables only Gathers read are excluded from both the bytes a decode
     step reads (it gathers one row) and the FLOP-bearing parameters (a gather multiplies nothing); a tied
-    table is also the LM head's matmul, so it stays. MoE: only the routed share of expert weights is
-    read and multiplied per token (exact at batch 1, a lower bound for larger batches)."""
+    table is also the LM head's matmul, so it stays. MoE: only the routed share of each expert tensor is
+    read and multiplied per token, at that tensor's own bytes (exact at batch 1, a lower bound for larger
+    batches; see artifact.weight_stats)."""
     w, kv, m = art["weights"], art["kv_cache"], art["model"]
-    dense = w["parameters"] - w["embedding_parameters"]
     active = w["active_parameters"] - w["embedding_parameters"]
-    share = active / dense if dense else 1.0
-    return ModelCost(weight_bytes_per_step=int(round((w["bytes"] - w["embedding_bytes"]) * share)),
+    return ModelCost(weight_bytes_per_step=int(w["bytes_per_decode_step"]),
                      active_params=int(active), num_layers=int(kv["num_layers"]),
                      num_heads=int(m["num_attention_heads"]), num_kv_heads=int(kv["num_kv_heads"]),
                      head_dim=int(kv["head_dim"]), kv_bytes_per_elem=np.dtype(kv["dtype"]).itemsize,
@@ -169,41 +178,83 @@ def summarize_raw(raw: dict[str, Any], cost: ModelCost | None, peaks: Peaks | No
             "samples": samples}
 
 
-def artifact_section(variant_dir: Path, art: dict[str, Any], cost: ModelCost) -> dict[str, Any]:
+def artifact_section(variant_dir: Path, art: dict[str, Any], cost: ModelCost, device: str = "cpu",
+                     hardware: dict[str, Any] | None = None) -> dict[str, Any]:
     size = tree_bytes(variant_dir)
     w = art["weights"]
     return {"path": str(variant_dir), "bytes": int(size), "parameters": int(w["parameters"]),
             "active_parameters": int(w["active_parameters"]), "weight_bytes_per_decode_step": cost.weight_bytes_per_step,
-            "bytes_by_dtype": {k: int(v["bytes"]) for k, v in w["by_dtype"].items()}}
+            "bytes_by_dtype": {k: int(v["bytes"]) for k, v in w["by_dtype"].items()},
+            "compute_dtype": compute_dtype(art, device, hardware)}
+
+
+def compute_dtype(art: dict[str, Any], device: str, hardware: dict[str, Any] | None) -> dict[str, Any]:
+    """The dtype the variant's matmuls compute in on `device` and the peak FLOP/s its MFU divides by."""
+    from recipec.profile.hardware import peak_tflops_for
+
+    dtype = art["compute_dtype"]["cuda" if device == "cuda" else "cpu"]
+    tflops, peak_dtype = peak_tflops_for(hardware or {}, dtype)
+    return {"dtype": dtype, "peak_dtype": peak_dtype, "peak_tflops": tflops}
 
 
 def profile_variant(variant_dir: Path | str, serving_spec: dict[str, Any], device: str = "cpu",
                     eval_tokens: np.ndarray | None = None, source_logits: np.ndarray | None = None,
                     source_greedy: dict[str, Any] | None = None, hardware: dict[str, Any] | None = None,
-                    log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+                    log: Callable[[str], None] = lambda s: None, name: str | None = None,
+                    before_serving: Callable[[dict[str, Any]], str | None] | None = None) -> dict[str, Any]:
     """The report's `variants.<id>` entry. `hardware` is hardware_info()'s dict (its peaks are the MBU
-    and MFU denominators; without it they are null)."""
+    and MFU denominators; without it they are null). Quality is measured first; `before_serving(entry)` may
+    then return a reason not to serve the variant (a search's broken quality constraint): the entry keeps its
+    quality, has no serving runs, and says why under `pruned`."""
+    from recipec.core.memory import release
     from recipec.onnx.artifact import read_artifact
 
     variant_dir = Path(variant_dir)
     art = read_artifact(variant_dir)
-    runs = serving_plan(serving_spec)
-    threads = int(serving_spec.get("threads", 0))
-    raw = _serve_isolated(variant_dir, device, runs, threads, log)
-    peaks = _peaks(hardware)
     cost = model_cost(art)
-    serving = [summarize_raw(r, cost, peaks, serving_spec.get("slo")) for r in raw["runs"]]
+    threads = int(serving_spec.get("threads", 0))
     log("evaluating quality")
     model = load_model(variant_dir, device, threads)
     quality = evaluate_quality(model, eval_tokens, source_logits, source_greedy)
-    return {"artifact": artifact_section(variant_dir, art, cost), "quality": quality, "serving": serving,
-            "load_seconds": raw["load_seconds"]}
+    del model
+    release()  # the serving process's memory is measured; this one should hold no model while it runs
+    entry = {"artifact": artifact_section(variant_dir, art, cost, device, hardware), "quality": quality, "serving": [],
+             "load_seconds": None, "placement": None}
+    reason = before_serving(entry) if before_serving else None
+    if reason:
+        log(reason)
+        return {**entry, "pruned": reason}
+    allowed = bool(serving_spec.get("allow_cpu_fallback", False))
+    raw = _serve_isolated(variant_dir, device, serving_plan(serving_spec), threads, log, allowed)
+    placement = {**raw["placement"], "allowed": allowed}
+    check_placement(name or variant_dir.name, placement)
+    peaks = _peaks(hardware, entry["artifact"]["compute_dtype"])
+    serving = [summarize_raw(r, cost, peaks, serving_spec.get("slo")) for r in raw["runs"]]
+    return {**entry, "serving": serving, "load_seconds": raw["load_seconds"], "placement": placement}
 
 
-def _peaks(hardware: dict[str, Any] | None) -> Peaks | None:
-    if not hardware or not hardware.get("peak_bandwidth_gb_s") or not hardware.get("peak_tflops"):
+def check_placement(variant: str, placement: dict[str, Any]) -> None:
+    """A variant that ran on two devices fails its profile unless the recipe allows it: its MBU and MFU would
+    divide CPU time by the GPU's peaks."""
+    ops = placement["fallback_ops"]
+    if not ops or placement["allowed"]:
+        return
+    raise PassError(
+        f"variant {variant}: on device {placement['device']}, onnxruntime ran {placement['fallback_nodes']} "
+        f"node(s) on the CPU for want of a {placement['requested_provider']} kernel ({', '.join(ops)}), so its "
+        "MBU/MFU would divide CPU time by the GPU's peaks. Change the variant (e.g. float16 for "
+        "GroupQueryAttention, int4 MatMulNBits instead of int8-dynamic), or set serving.allow_cpu_fallback: true "
+        "in the recipe to profile it anyway (report.json then lists the ops under placement)")
+
+
+def _peaks(hardware: dict[str, Any] | None, compute_dtype: dict[str, Any] | None = None) -> Peaks | None:
+    """The MBU and MFU denominators: the peak bandwidth, and the peak FLOP/s of the dtype the variant
+    computes in on this device."""
+    if not hardware or not hardware.get("peak_bandwidth_gb_s"):
         return None
-    return Peaks(hardware["peak_bandwidth_gb_s"], hardware["peak_tflops"], hardware.get("last_level_cache_bytes"))
+    tflops = compute_dtype["peak_tflops"] if compute_dtype is not None else hardware.get("peak_tflops")
+    # no peak for the variant's dtype: MFU stays null (a peak of another dtype would be the wrong one), MBU stands
+    return Peaks(hardware["peak_bandwidth_gb_s"], tflops or 0.0, hardware.get("last_level_cache_bytes"))
 
 
 if __name__ == "__main__":
