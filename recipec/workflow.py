@@ -67,8 +67,12 @@ def build(plan: Plan, options: BuildOptions) -> BuildResult:
     return BuildResult(final, runs, report)
 
 
-def assemble(plan: Plan, runs: dict[str, StageRun], staging: Path, device: str, profile: bool) -> dict[str, Any] | None:
-    """Fill the staging directory; returns the report (None without profiling)."""
+def assemble(plan: Plan, runs: dict[str, StageRun], staging: Path, device: str, profile: bool,
+             measured: dict[str, dict[str, Any]] | None = None, profiler: Any = None,
+             **sections: Any) -> dict[str, Any] | None:
+    """Fill the staging directory; returns the report (None without profiling). A searching build passes
+    the variants it `measured` while it searched (and the profiler that measured them): they are not
+    measured again."""
     from recipec.deploy.files import write_deploy_files
 
     for variant, stage_id in plan.variants.items():
@@ -81,8 +85,11 @@ def assemble(plan: Plan, runs: dict[str, StageRun], staging: Path, device: str, 
         return None
     from recipec.profile.report import write_report
 
-    release()  # what the last stage freed, before profiling loads the source model
-    report = profile_build(plan, runs, staging, device)
+    if measured is not None:
+        report = profiler.report(_recipe_info(plan), measured, _stage_rows(runs), **sections)
+    else:
+        release()  # what the last stage freed, before profiling loads the source model
+        report = profile_build(plan, runs, staging, device)
     write_report(staging, report)
     return report
 
@@ -92,9 +99,16 @@ def profile_build(plan: Plan, runs: dict[str, StageRun], staging: Path, device: 
     from recipec.profile.variants import profile_variants
 
     recipe = plan.recipe
-    stages = [{"id": r.stage.id, "op": r.stage.op, "seconds": r.entry.meta["seconds"], "cached": r.cached,
-               "peak_rss_mb": r.entry.meta.get("peak_rss_mb")} for r in runs.values()]
     return profile_variants(
         name=recipe.name, sha256=recipe.sha256, recipe_path=str(recipe.file), resolved=recipe.resolved,
         variants={v: staging / VARIANTS / v for v in plan.variants}, source_dir=runs[SOURCE].entry.output,
-        base_dir=recipe.base_dir, device=device, stages=stages)
+        base_dir=recipe.base_dir, device=device, stages=_stage_rows(runs))
+
+
+def _recipe_info(plan: Plan) -> dict[str, str]:
+    return {"name": plan.recipe.name, "sha256": plan.recipe.sha256, "path": str(plan.recipe.file)}
+
+
+def _stage_rows(runs: dict[str, StageRun]) -> list[dict[str, Any]]:
+    return [{"id": r.stage.id, "op": r.stage.op, "seconds": r.entry.meta["seconds"], "cached": r.cached,
+             "peak_rss_mb": r.entry.meta.get("peak_rss_mb")} for r in runs.values()]

@@ -7,7 +7,6 @@ import sys
 import types
 from collections import namedtuple
 
-import pytest
 
 from recipec.profile import memory
 from recipec.profile.memory import PeakMemory, describe_gpu_samples, own_gpu_bytes, own_pids

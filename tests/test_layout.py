@@ -19,7 +19,7 @@ LAYERS = [
     {"recipec.plan"},
     {"recipec.build", "recipec.deploy"},
     {"recipec.serve"},
-    {"recipec.workflow"},
+    {"recipec.workflow", "recipec.search"},
     {"recipec.cli"},
 ]
 

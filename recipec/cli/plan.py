@@ -44,5 +44,26 @@ def _print_plan(plan, cached: dict[str, bool]) -> None:
                       json.dumps(stage.params, sort_keys=True), stage.key[:12], "yes" if cached[stage.id] else "no",
                       stage.variant or "")
     Console(width=200).print(table)
+    if plan.search:
+        _print_search(plan, cached)
     for warning in plan.warnings:
         console.warn(warning)
+
+
+def _print_search(plan, cached: dict[str, bool]) -> None:
+    summary = plan.search.to_json(plan)
+    spec = plan.search.spec
+    size = summary["space_size"]
+    print(f"search: {spec['strategy']}, {size if size is not None else 'a continuous'} trial space, "
+          f"at most {spec['max_trials']} trials" + (f" or {spec['max_minutes']} minutes" if spec.get("max_minutes") else ""))
+    for dim in summary["dimensions"]:
+        print(f"  {dim['name']}: {json.dumps(dim['values'] if dim['values'] is not None else dim['range'])}")
+    shared = summary["shared_stages"]
+    print(f"  shared by every trial, built once: {', '.join(shared)} "
+          f"({sum(cached[s] for s in shared)} of {len(shared)} cached)")
+    planned = summary["planned_trials"]
+    if planned:
+        print(f"  {len(planned)} trials planned" + (f" ({size - len(planned)} beyond max_trials not tried)"
+                                                      if size and size > len(planned) else ""))
+    else:
+        print(f"  trials are chosen while the build runs ({spec['strategy']} sees earlier results)")

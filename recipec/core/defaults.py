@@ -13,6 +13,10 @@ def fill_defaults(schema: dict[str, Any], instance: Any, root: dict[str, Any] | 
     root = root or schema
     if "$ref" in schema:
         schema = _resolve_ref(root, schema["$ref"])
+    if "anyOf" in schema:  # a searchable parameter: fill from the branch the value is (a plain value or a search)
+        branch = next((b for b in schema["anyOf"]
+                       if jsonschema.Draft202012Validator(b).is_valid(instance)), {})
+        instance = fill_defaults(branch, instance, root)
     if isinstance(instance, dict):
         for key, sub in schema.get("properties", {}).items():
             if key not in instance and "default" in sub:

@@ -44,10 +44,10 @@ def providers_for(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def session(path: Path, device: str = "cpu", level: ort.GraphOptimizationLevel | None = None,
+def session(path: Path | bytes, device: str = "cpu", level: ort.GraphOptimizationLevel | None = None,
             optimized_path: Path | None = None, external: bool = False, threads: int | None = None,
             profile_prefix: Path | None = None) -> ort.InferenceSession:
-    """The one session factory. With optimized_path, onnxruntime also writes its optimized graph there
+    """The one session factory, for a graph file or a serialized graph (bytes). With optimized_path, onnxruntime also writes its optimized graph there
     (offline mode); with profile_prefix, it records a trace that end_profiling() writes beside that prefix
     (recipec.onnx.placement reads it). A graph onnxruntime cannot load is a PassError naming the file."""
     options = ort.SessionOptions()
@@ -66,10 +66,11 @@ def session(path: Path, device: str = "cpu", level: ort.GraphOptimizationLevel |
                                              optimized_path.name + ".data")
             options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
                                              "1024")
+    source, shown = (path, "an in-memory graph") if isinstance(path, bytes) else (str(path), str(path))
     try:
-        return ort.InferenceSession(str(path), options, providers=providers_for(device))
+        return ort.InferenceSession(source, options, providers=providers_for(device))
     except Exception as exc:  # onnxruntime's pybind exception types share no useful base class
-        raise PassError(f"onnxruntime cannot load {path}: {exc}") from None
+        raise PassError(f"onnxruntime cannot load {shown}: {exc}") from None
 
 
 def save_model(proto: onnx.ModelProto, out_dir: Path) -> Path:

@@ -19,6 +19,7 @@ from recipec.errors import PassError, Problem, RecipeInvalid, one_line
 from recipec.passes import PASSES
 from recipec.passes.base import CheckContext
 from recipec.plan.keys import assign_keys
+from recipec.plan.search import Trial, expand, search_problems, search_space
 from recipec.plan.stages import BASELINE, RESERVED, SOURCE, Plan, Stage
 from recipec.recipe.checks import semantic_problems
 from recipec.core.defaults import fill_defaults
@@ -37,12 +38,14 @@ def load_plan(path: str | Path, with_keys: bool = True, versions: dict[str, str]
     passes' own checks) is raised at once as RecipeInvalid. `recipec validate` plans without keys, which
     hash data files."""
     recipe = load_recipe(path)
-    problems = semantic_problems(recipe)
+    problems = semantic_problems(recipe) + search_problems(recipe)
     plan = None
     try:
         plan = build_plan(recipe, with_keys=False)
+        if plan.search:  # every searched value goes through its pass's own check once
+            build_plan(recipe, with_keys=False, trials=plan.search.probes())
     except RecipeInvalid as exc:
-        problems += exc.problems
+        problems += [p for p in exc.problems if p not in problems]
     if problems:
         raise RecipeInvalid(str(path), sorted(problems, key=lambda p: (p.line, p.col)))
     if with_keys:
@@ -50,9 +53,16 @@ def load_plan(path: str | Path, with_keys: bool = True, versions: dict[str, str]
     return plan
 
 
-def build_plan(recipe: Recipe, versions: dict[str, str] | None = None, with_keys: bool = True) -> Plan:
-    """Build and check the stage graph; raises RecipeInvalid with every rule that is broken."""
-    stages, problems = _declared_stages(recipe)
+def build_plan(recipe: Recipe, versions: dict[str, str] | None = None, with_keys: bool = True,
+               trials: list[Trial] | None = None) -> Plan:
+    """Build and check the stage graph; raises RecipeInvalid with every rule that is broken. A searching
+    recipe's passes are expanded for `trials` (default: the trials known before anything runs)."""
+    space = search_space(recipe)
+    entries = recipe.resolved["passes"]
+    if space is not None:
+        trials = space.planned() if trials is None else trials
+        entries = expand(entries, space.dims, trials)
+    stages, problems = _declared_stages(recipe, entries)
     if problems:
         raise RecipeInvalid(str(recipe.file), problems)
     graph = nx.DiGraph()
@@ -65,7 +75,7 @@ def build_plan(recipe: Recipe, versions: dict[str, str] | None = None, with_keys
         raise RecipeInvalid(str(recipe.file), problems)
     _insert_exports(graph)
     order = list(nx.lexicographical_topological_sort(graph, key=_declaration_rank(graph)))
-    plan = Plan(recipe, graph, order, _warnings(graph))
+    plan = Plan(recipe, graph, order, _warnings(graph), search=space, trials=list(trials or []))
     _mark_variants(plan)
     problems = _gate_variant_problems(plan) + _pass_check_problems(plan)
     if problems:
@@ -75,22 +85,24 @@ def build_plan(recipe: Recipe, versions: dict[str, str] | None = None, with_keys
     return plan
 
 
-def _declared_stages(recipe: Recipe) -> tuple[list[Stage], list[Problem]]:
-    entries = recipe.resolved["passes"]
+def _declared_stages(recipe: Recipe, entries: list[dict[str, Any]]) -> tuple[list[Stage], list[Problem]]:
     problems: list[Problem] = []
     stages = [Stage(SOURCE, SOURCE, {}, [])]
     seen: dict[str, int] = {}
-    for i, entry in enumerate(entries):
+    index = {e["id"]: i for i, e in enumerate(recipe.resolved["passes"])}
+    for j, entry in enumerate(entries):
         sid = entry["id"]
+        i = index.get(entry.get("template", sid), j)
         if sid in RESERVED:
             problems.append(recipe.problem(("passes", i, "id"), f"{sid!r} is reserved (it names a built-in stage)"))
         elif sid in seen:
             problems.append(recipe.problem(("passes", i, "id"), f"duplicate id {sid!r} (first used by passes[{seen[sid]}])"))
         seen.setdefault(sid, i)
-        previous = entries[i - 1]["id"] if i else SOURCE
+        previous = entries[j - 1]["id"] if j else SOURCE
         after = entry.get("after", previous)
         parents = [after] if isinstance(after, str) else list(dict.fromkeys(after))
-        stages.append(Stage(sid, entry["op"], entry.get("with", {}), parents, path=("passes", i)))
+        stages.append(Stage(sid, entry["op"], entry.get("with", {}), parents, path=("passes", i),
+                            template=entry.get("template", sid), emit=bool(entry.get("emit"))))
     known = {SOURCE, *seen}
     for stage in stages[1:]:
         for j, parent in enumerate(stage.parents):
@@ -141,7 +153,7 @@ def _insert_exports(graph: nx.DiGraph) -> None:
         is_leaf = not any(graph.nodes[c]["stage"].parents[0] == sid for c in graph.successors(sid))
         if sid == SOURCE:
             _add_export(graph, SOURCE, BASELINE, default_params, readers)
-        elif readers or is_leaf:
+        elif readers or is_leaf or stage.emit:
             _add_export(graph, sid, _free_id(graph, f"{sid}-export"), default_params, readers)
 
 
@@ -174,9 +186,14 @@ def _mark_variants(plan: Plan) -> None:
         primary_children = [c for c in graph.successors(sid) if plan.stage(c).parents[0] == sid]
         if sid == BASELINE:
             stage.variant = BASELINE
-        elif not primary_children and stage.produces == "onnx":
+        elif (not primary_children or _emitted(plan, stage)) and stage.produces == "onnx":
             # An implicit export names its variant after the PyTorch stage it exports.
             stage.variant = stage.parents[0] if stage.implicit else sid
+
+
+def _emitted(plan: Plan, stage: Stage) -> bool:
+    """An `emit: true` stage, or the export of an `emit: true` PyTorch stage."""
+    return stage.emit or (stage.implicit and plan.stage(stage.parents[0]).emit)
 
 
 def _warnings(graph: nx.DiGraph) -> list[str]:
@@ -195,7 +212,10 @@ def _gate_variant_problems(plan: Plan) -> list[Problem]:
     problems = []
     for i, gate in enumerate(plan.recipe.resolved["gates"]):
         name = gate.get("variant")
-        if name is not None and name not in variants:
+        if plan.search and name in plan.search.templates():
+            problems.append(plan.recipe.problem(("gates", i, "variant"), f"{name!r} is searched: its trials are "
+                                                "variants of their own; bound them with search.constraints"))
+        elif name is not None and name not in variants:
             problems.append(plan.recipe.problem(("gates", i, "variant"),
                                                 f"no variant {name!r} (variants: {', '.join(sorted(variants))})"))
     return problems

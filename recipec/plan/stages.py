@@ -13,6 +13,8 @@ from recipec.recipe.loader import Recipe
 SOURCE = "source"
 BASELINE = "baseline"
 RESERVED = {SOURCE, BASELINE}
+
+
 @dataclass
 class Stage:
     id: str
@@ -23,6 +25,8 @@ class Stage:
     variant: str | None = None  # set on output stages
     key: str = ""
     path: tuple = ()  # field path of the recipe entry, for messages
+    template: str = ""  # the recipe pass this stage instantiates (its id, or a searched pass's id)
+    emit: bool = False  # a variant even when later stages build on it
 
     @property
     def consumes(self) -> str:
@@ -39,6 +43,8 @@ class Plan:
     graph: nx.DiGraph
     order: list[str]
     warnings: list[str] = field(default_factory=list)
+    search: Any = None  # plan.search.SearchSpace when the recipe searches
+    trials: list[Any] = field(default_factory=list)  # the plan.search.Trial each searched variant is
 
     def stage(self, stage_id: str) -> Stage:
         return self.graph.nodes[stage_id]["stage"]
@@ -63,6 +69,7 @@ class Plan:
             ],
             "variants": self.variants,
             "warnings": self.warnings,
+            **({"search": self.search.to_json(self)} if self.search else {}),
         }
 
     def to_dot(self) -> str:

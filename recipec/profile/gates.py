@@ -71,6 +71,11 @@ def _parse_selectors(text: str) -> dict[str, Any]:
     return out
 
 
+def section_of(path: str) -> str:
+    """"quality", "artifact" or "serving": where a valid metric path is read from."""
+    return _parse(path)[0]
+
+
 def known_metrics() -> list[str]:
     return ([*QUALITY] + [f"artifact.{a}" for a in ARTIFACT]
             + [f"{d}.{s}" for d in LATENCY_METRICS for s in STAT_KEYS] + [*SCALARS])

@@ -138,8 +138,6 @@ def measure_onnxruntime_tflops(dtype: str) -> tuple[float | None, str]:
     """TFLOP/s (int8: TOPS) of onnxruntime's own CPU kernel for a square matmul in `dtype`: float16 MatMul,
     or int8 MatMulInteger (uint8 x int8 -> int32, the kernel int8 variants run). torch has no fast CPU path
     for these, and the variants run on onnxruntime's kernels anyway."""
-    import tempfile
-
     import numpy as np
     from onnx import TensorProto, helper
 
@@ -154,14 +152,11 @@ def measure_onnxruntime_tflops(dtype: str) -> tuple[float | None, str]:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     rng = np.random.default_rng(0)
     feeds = {"a": rng.integers(0, 100, (n, n)).astype(a_np), "b": rng.integers(-50, 50, (n, n)).astype(b_np)}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "peak.onnx"
-        path.write_bytes(model.SerializeToString())
-        try:
-            sess = session(path, "cpu")
-        except PassError as exc:
-            return None, f"not measured: onnxruntime has no CPU {op} for {dtype} ({exc})"
-        rate, reps = _best_rate(lambda: sess.run(None, feeds), 2.0 * n**3, lambda: None)
+    try:
+        sess = session(model.SerializeToString(), "cpu")
+    except PassError as exc:
+        return None, f"not measured: onnxruntime has no CPU {op} for {dtype} ({exc})"
+    rate, reps = _best_rate(lambda: sess.run(None, feeds), 2.0 * n**3, lambda: None)
     return rate / 1e12, f"measured: best of {reps} {n}x{n} {dtype} {op}s with onnxruntime's CPU provider"
 
 

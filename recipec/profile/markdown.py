@@ -6,12 +6,10 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from recipec.profile.formatting import SERVING_COLUMNS, delta, fmt, fmt_bytes, get, run_key, run_label
+from recipec.profile.markdown_search import projections_md, search_md, table
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
+_table = table
 
 
 PERCENT = {"mbu", "mfu", "mbu_step", "mfu_prefill", "mfu_decode"}
@@ -82,6 +80,20 @@ def _variants_md(report: dict[str, Any]) -> list[str]:
     return ["## Variants", "", _table(header, rows), "", *note]
 
 
+def _placement_md(report: dict[str, Any]) -> list[str]:
+    """Only where a variant ran on two devices: without fallback the placement is what was asked for."""
+    rows = [[f"**{name}**", p["device"], ", ".join(p["fallback_ops"]), str(p.get("fallback_nodes", "")),
+             "yes" if p["allowed"] else "no"]
+            for name, v in report["variants"].items() if (p := v.get("placement")) and p["fallback_ops"]]
+    if not rows:
+        return []
+    return ["## CPU fallback", "",
+            "onnxruntime ran these variants' nodes on the CPU for want of a kernel on the requested device, so "
+            "their MBU and MFU divide partly-CPU time by the device's peaks. Allowed by the recipe's "
+            "`serving.allow_cpu_fallback`.", "",
+            _table(["variant", "device", "ops on the CPU", "nodes", "allowed"], rows), ""]
+
+
 def _gates_md(report: dict[str, Any]) -> list[str]:
     if not report["gates"]:
         return ["## Gates", "", "No gates in the recipe.", ""]
@@ -120,9 +132,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [f"# recipec report: {r['name']}", "",
              f"Recipe sha256 `{r['sha256'][:16]}…`, recipec {report.get('recipec_version', '')}, "
              f"{report.get('created_at', '')}.", "", *_hardware_md(report), *_variants_md(report),
+             *_placement_md(report),
              "## Serving", "", "Changes in parentheses are against `baseline` on the same run.", "",
-             *_serving_md(report), *_gates_md(report), *_build_md(report)]
+             *_serving_md(report), *search_md(report), *projections_md(report), *_gates_md(report),
+             *_build_md(report)]
     if plots:
-        lines += ["## Plots", ""] + [f"![{k}]({p})" for k, p in plots.items()] + [""]
+        lines += ["## Plots", ""] + [f"![{k}]({p})" for k, p in plots.items() if k != "pareto"] + [""]
     lines += ["## How each number was measured", ""] + [f"- **{k}**: {v}" for k, v in report["methods"].items()]
     return "\n".join(lines) + "\n"

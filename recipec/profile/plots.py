@@ -1,5 +1,5 @@
 """The PNG plots report.md links: latency against throughput, per-request latency distributions, build
-time per stage."""
+time per stage, a search's Pareto front, and each variant's projected roofline."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -84,6 +84,63 @@ def _plot_stages(report: dict[str, Any], path: Path, plt) -> bool:
     return _save(fig, path, plt, True)
 
 
+def _plot_pareto(report: dict[str, Any], path: Path, plt) -> bool:
+    """Each trial's quality (KL) against the objective, sized by artifact bytes; the front drawn, the
+    recommendation ringed, trials pruned or unmeasured left out."""
+    search = report.get("search")
+    points = [t for t in (search or {}).get("trials", [])
+              if t["metrics"].get("objective") is not None and t["metrics"].get("kl_divergence") is not None]
+    if not points:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 5))
+    size = {n: (v.get("artifact") or {}).get("bytes") or 0 for n, v in report["variants"].items()}
+    largest = max(size.values()) or 1
+    for t in points:
+        x, y = t["metrics"]["objective"], t["metrics"]["kl_divergence"]
+        ax.scatter(x, y, s=30 + 270 * size.get(t["variant"], 0) / largest, alpha=0.6,
+                   color="C2" if t["feasible"] else "C3")
+        ax.annotate(t["variant"], (x, y), fontsize=6)
+    front = sorted((t["metrics"]["objective"], t["metrics"]["kl_divergence"]) for t in points if t["pareto"])
+    if front:
+        ax.plot(*zip(*front), color="C0", linestyle="--", label="Pareto front")
+    best = next((t for t in points if t["variant"] == search.get("recommended")), None)
+    if best:
+        ax.scatter(best["metrics"]["objective"], best["metrics"]["kl_divergence"], s=400, facecolors="none",
+                   edgecolors="black", label=f"recommended: {best['variant']}")
+    objective = search["objective"]
+    ax.set(xlabel=f"{objective['metric']} ({objective['direction']}, {objective['at']})",
+           ylabel="KL divergence from the source (nats)",
+           title="search: quality against the objective (green feasible, red not; size = artifact bytes)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path, plt, True)
+
+
+def _plot_roofline(rows: list[dict[str, Any]], path: Path, plt) -> bool:
+    """One variant's PROJECTED decode steps on each hardware row's roofline (TP 1): x = FLOPs per byte read,
+    y = TFLOP/s per device, at batch 1 (o) and the largest batch that fits (^)."""
+    import numpy as np
+
+    points = [r for r in rows if r["fits"] and r["tensor_parallel"] == 1 and r.get("achieved")]
+    if not points:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 5))
+    x = np.logspace(-1, 4, 200)
+    for i, hw in enumerate(sorted({r["hardware"] for r in points})):
+        group = [r for r in points if r["hardware"] == hw]
+        peaks = group[0]["peaks"]
+        ax.plot(x, np.minimum(peaks["bandwidth_gb_s"] * x / 1e3, peaks["tflops"]), color=f"C{i}",
+                label=f"{hw} ({peaks['dtype']})")  # GB/s x FLOP/B = GFLOP/s
+        for r in group:
+            a = r["achieved"]
+            ax.scatter(a["arithmetic_intensity"], a["tflops"], color=f"C{i}", marker="o" if r["batch_size"] == 1 else "^")
+    ax.set(xscale="log", yscale="log", xlabel="arithmetic intensity (FLOP / byte read)", ylabel="TFLOP/s per device",
+           title=f"{points[0]['variant']}: PROJECTED decode roofline (TP 1), batch 1 (o), largest batch (^)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    return _save(fig, path, plt, True)
+
+
 def _save(fig, path: Path, plt, drawn: bool) -> bool:
     if drawn:
         fig.tight_layout()
@@ -102,4 +159,10 @@ def render_plots(report: dict[str, Any], plot_dir: Path) -> dict[str, Path]:
         path = plot_dir / f"{key}.png"
         if fn(report, path, plt):
             out[key] = path
+    if _plot_pareto(report, plot_dir / "pareto.png", plt):
+        out["pareto"] = plot_dir / "pareto.png"
+    for variant in report["variants"]:
+        rows = [r for r in report.get("projections") or [] if r["variant"] == variant]
+        if _plot_roofline(rows, plot_dir / f"roofline-{variant}.png", plt):
+            out[f"roofline-{variant}"] = plot_dir / f"roofline-{variant}.png"
     return out

@@ -219,7 +219,7 @@ def profile_variant(variant_dir: Path | str, serving_spec: dict[str, Any], devic
     del model
     release()  # the serving process's memory is measured; this one should hold no model while it runs
     entry = {"artifact": artifact_section(variant_dir, art, cost, device, hardware), "quality": quality, "serving": [],
-             "load_seconds": None, "placement": None}
+             "load_seconds": None}
     reason = before_serving(entry) if before_serving else None
     if reason:
         log(reason)

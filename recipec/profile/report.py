@@ -29,10 +29,11 @@ METHODS = {
            "decode steps, / mean TPOT / peak bandwidth. mbu_step divides by the measured decode-step time instead",
     "mfu": "(2 x active parameters per token + attention 4 x layers x heads x head_dim x context) FLOPs of "
            "the tokens actually generated or prefilled (padding not counted) / measured model-call time / peak "
-           "FLOP/s; mfu_prefill and mfu_decode split it by step kind. Step time, not TTFT, because TTFT includes "
+           "FLOP/s of the dtype the variant computes in (artifact.compute_dtype); mfu_prefill and mfu_decode split it by step kind. Step time, not TTFT, because TTFT includes "
            "queueing",
     "peak_memory_mb": "CPU: peak resident set (VmHWM) of a separate serving process, reset before each run; "
-                      "CUDA: peak device memory in use (cudaMemGetInfo) sampled every 10 ms, plus the process's "
+                      "CUDA: this process's GPU memory (NVML usedGpuMemory for its pid) sampled, device-wide use "
+                      "only where NVML does not list the pid (peak_memory_source says which), plus the process's "
                       "peak RSS in peak_memory_source",
     "stage_peak_rss_mb": "build stages: peak resident set of the build process while the stage ran: the kernel's "
                          "peak mark (ru_maxrss) where the stage raised it, else the resident set sampled every 2 ms "
@@ -62,9 +63,10 @@ def validate_report(report: dict[str, Any]) -> None:
 
 def build_report(recipe: dict[str, Any], hardware: dict[str, Any], variants: dict[str, dict[str, Any]],
                  gates: Iterable[dict[str, Any]] = (), stages: list[dict[str, Any]] | None = None,
-                 environment: dict[str, str] | None = None) -> dict[str, Any]:
+                 environment: dict[str, str] | None = None, **sections: Any) -> dict[str, Any]:
     """`recipe`: {name, sha256[, path]}; `variants`: id -> profile_variant() result; `gates`: the
-    recipe's gate list; `stages`: [{id, op, seconds, cached, peak_rss_mb}] of the build."""
+    recipe's gate list; `stages`: [{id, op, seconds, cached, peak_rss_mb}] of the build; `sections`: more
+    top-level blocks (a searching build's `search`)."""
     report = {
         "schema_version": 1,
         "recipec_version": __version__,
@@ -76,6 +78,7 @@ def build_report(recipe: dict[str, Any], hardware: dict[str, Any], variants: dic
         "methods": {**METHODS, "peaks": f"bandwidth: {hardware.get('peak_bandwidth_source')}; "
                                         f"FLOP/s: {hardware.get('peak_tflops_source')}"},
     }
+    report.update({k: v for k, v in sections.items() if v is not None})
     if stages is not None:
         report["build"] = {"stages": stages, "total_seconds": sum(s["seconds"] for s in stages)}
     report["gates"] = evaluate_gates(list(gates), report)

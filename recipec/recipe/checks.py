@@ -10,7 +10,16 @@ from recipec.source.pretrain import pretrain_problems
 
 
 def semantic_problems(recipe: Recipe) -> list[Problem]:
-    return _model_problems(recipe) + _data_problems(recipe) + _gate_problems(recipe)
+    return _model_problems(recipe) + _data_problems(recipe) + _gate_problems(recipe) + _cost_problems(recipe)
+
+
+def _cost_problems(recipe: Recipe) -> list[Problem]:
+    from recipec.profile.projections import override_problems
+
+    cost = recipe.resolved["serving"].get("cost")
+    if not cost:
+        return []
+    return [recipe.problem(("serving", "cost", "prices"), message) for message in override_problems(cost)]
 
 
 def _model_problems(recipe: Recipe) -> list[Problem]:

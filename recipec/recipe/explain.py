@@ -9,6 +9,7 @@ import jsonschema
 from recipec.errors import Problem
 from recipec.recipe import yamlpos
 from recipec.recipe.schema import recipe_schema
+from recipec.recipe.search_schema import SEARCH
 from recipec.recipe.yamlpos import locate
 
 
@@ -58,12 +59,22 @@ def _explain_alternatives(error: jsonschema.ValidationError, located: yamlpos.Lo
         keys = [e.message.split("'")[1] for e in error.context]
         yield locate(located, path, f"needs exactly one of: {', '.join(keys)}")
         return
-    deepest = jsonschema.exceptions.best_match(error.context)
+    deepest = jsonschema.exceptions.best_match(_meant_branch(error))
     if deepest is not None and deepest.validator not in ("type",):
         yield from _explain(deepest, located)
         return
     kinds = sorted({_describe(e.schema) for e in error.context})
     yield locate(located, path, f"{_shown(error.instance)} is not valid: expected {' or '.join(kinds)}")
+
+
+def _meant_branch(error: jsonschema.ValidationError) -> list[jsonschema.ValidationError]:
+    """A searchable parameter is its own schema or a `{search: ...}`: explain the one the value was meant as."""
+    branches = error.validator_value if isinstance(error.validator_value, list) else []
+    searchy = {i for i, b in enumerate(branches) if isinstance(b, dict) and SEARCH in b.get("properties", {})}
+    if not searchy:
+        return list(error.context)
+    meant_search = isinstance(error.instance, dict) and SEARCH in error.instance
+    return [e for e in error.context if (e.schema_path[0] in searchy) == meant_search] or list(error.context)
 
 
 def _describe(schema: dict[str, Any]) -> str:

@@ -12,6 +12,9 @@ from pathlib import Path
 import jsonschema
 from typing import Any
 
+from recipec.profile.projections import COST_SCHEMA
+from recipec.recipe.search_schema import EMIT, search_section, searchable
+
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 SCHEMA_ID = "https://recipec.dev/schemas/recipe.schema.json"
@@ -81,6 +84,11 @@ def _serving_section() -> dict[str, Any]:
             "device": {"enum": ["auto", "cpu", "cuda"], "default": "auto"},
             "threads": {"type": "integer", "minimum": 0, "default": 0,
                         "description": "onnxruntime intra-op threads; 0 = onnxruntime's default."},
+            "allow_cpu_fallback": {
+                "type": "boolean", "default": False,
+                "description": "device cuda: profile a variant even when onnxruntime runs some of its compute "
+                               "nodes on the CPU for want of a CUDA kernel (report.json lists them under "
+                               "placement); false fails that variant's profile."},
             "batching": {
                 "type": "object", "additionalProperties": False, "default": {},
                 "properties": {
@@ -109,6 +117,7 @@ def _serving_section() -> dict[str, Any]:
                 "allOf": [{"if": {"properties": {"arrival": {"const": "poisson"}}, "required": ["arrival"]},
                            "then": {"required": ["rate_rps"]}}],
             },
+            "cost": COST_SCHEMA,
             "slo": {
                 "type": "object", "additionalProperties": False, "minProperties": 1,
                 "description": "Service-level objectives in milliseconds (any subset): a request that meets every one "
@@ -152,6 +161,7 @@ def _pass_entry(params: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "after": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}],
                       "description": "explicit parent stage id(s); default: the previous entry (or the source model)"},
             "with": {"type": "object", "default": {}},
+            "emit": EMIT,
         },
         "allOf": [
             {"if": {"properties": {"op": {"const": op}}, "required": ["op"]},
@@ -188,8 +198,9 @@ def build_recipe_schema() -> dict[str, Any]:
             "passes": {"type": "array", "items": _pass_entry({op: PASSES[op].params for op in ops}), "default": []},
             "serving": _serving_section(),
             "gates": {"type": "array", "items": _gate(), "default": []},
+            "search": search_section(_gate()),
         },
-        "$defs": {"ops": {op: PASSES[op].params for op in ops}},
+        "$defs": {"ops": {op: searchable(PASSES[op].params) for op in ops}},
     }
 
 

@@ -21,8 +21,6 @@ their inputs lived.
 """
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -164,8 +162,4 @@ def _model(name: str, nodes, inputs, outputs, initializers) -> onnx.ModelProto:
 
 
 def _load(model: onnx.ModelProto, device: str, threads: int | None) -> Any:
-    """A session from the one factory, which takes a path: the graph goes through a file it reads at once."""
-    with tempfile.TemporaryDirectory(prefix="recipec-kv-") as tmp:
-        path = Path(tmp) / f"{model.graph.name}.onnx"
-        onnx.save_model(model, str(path))
-        return session(path, device, threads=threads)
+    return session(model.SerializeToString(), device, threads=threads)
