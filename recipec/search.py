@@ -15,7 +15,8 @@ from typing import Any
 
 from recipec.build.cache import StageCache
 from recipec.build.outdir import recover_interrupted, remove_path, staging_dir, swap_into_place
-from recipec.build.stages import StageRun, run_stage
+from recipec.build.executor import Outcome
+from recipec.build.stages import StageRun
 from recipec.core import console
 from recipec.core.builddir import VARIANTS
 from recipec.core.diskspace import require_free, tree_bytes
@@ -26,7 +27,7 @@ from recipec.plan.planner import build_plan
 from recipec.plan.search import SearchSpace, Trial, concrete_id
 from recipec.plan.stages import SOURCE, Plan
 from recipec.profile.search import before_serving, check_constraints, objective_of, objective_value, search_block
-from recipec.workflow import BuildOptions, BuildResult, assemble
+from recipec.workflow import BuildOptions, BuildResult, assemble, open_executor
 
 COST_HARDWARE = "H100 SXM 80GB"  # the cost objective's hardware row unless it names one
 MAX_ASKS_PER_TRIAL = 20  # Optuna may propose a tried trial again; this bounds the asking in a small space
@@ -41,26 +42,24 @@ class TrialLog:
 
 
 class SearchRun:
-    """The state one searching build carries: the stage runs by cache key, the profiler, the trial log."""
+    """The state one searching build carries: the executor, the stage runs by cache key, the profiler, the
+    trial log."""
 
     def __init__(self, plan: Plan, options: BuildOptions, device: str):
         self.plan, self.options, self.device = plan, options, device
         self.profiler: Any = None  # a profile.variants.VariantProfiler once the source model is built
         self.space: SearchSpace = plan.search
         self.cache = StageCache(options.cache_root, warn=console.warn)
-        self.by_key: dict[str, StageRun] = {}
+        self.executor = open_executor(options, self.cache)
+        self.done: dict[str, StageRun] = {}  # by cache key: what this build has already run
         self.log = TrialLog()
         self.started = time.monotonic()
 
-    def run_plan(self, plan: Plan) -> dict[str, StageRun]:
-        """Each stage of `plan` once per build: a stage an earlier trial ran is reused, not even re-verified."""
-        runs: dict[str, StageRun] = {}
-        for stage in plan.stages:
-            done = self.by_key.get(stage.key)
-            runs[stage.id] = (StageRun(stage, done.entry, done.cached, done.seconds) if done else
-                              run_stage(plan, stage, runs, self.cache, self.device, self.options.force))
-            self.by_key[stage.key] = runs[stage.id]
-        return runs
+    def run_plan(self, plan: Plan, keep_going: bool = False) -> Outcome:
+        """The plan's stages through the executor; a stage an earlier trial ran is reused, not even re-verified."""
+        outcome = self.executor.run(plan, self.cache, self.device, self.options.force, keep_going, self.done)
+        self.done.update({run.stage.key: run for run in outcome.runs.values()})
+        return outcome
 
     def plan_for(self, trials: list[Trial]) -> Plan:
         plan = build_plan(self.plan.recipe, with_keys=False, trials=trials)
@@ -69,34 +68,51 @@ class SearchRun:
 
     def measure(self, plan: Plan, runs: dict[str, StageRun]) -> None:
         """Profile every variant of `plan` not measured yet (the shared ones: baseline, unsearched passes)."""
-        for variant, stage_id in plan.variants.items():
-            if variant not in self.log.measured:
-                self.log.measured[variant] = self.profiler.measure(variant, runs[stage_id].entry.output)
+        todo = {v: (runs[s].entry.output, runs[s].stage.key) for v, s in plan.variants.items()
+                if v not in self.log.measured}
+        self.log.measured.update(self.profiler.measure_many(todo))
 
-    def evaluate(self, trial: Trial) -> None:
-        """Build and measure one trial. A trial whose stage or profile fails is recorded with the error and
-        the search goes on: one bad choice (a quantize that misses its own bound) must not end the others."""
-        variant = concrete_id(trial.template, trial.assignment)
+    def evaluate(self, trials: list[Trial]) -> None:
+        """Build and measure trials together: their stages run as the executor allows (side by side on a Ray
+        cluster), then each variant is measured. A trial whose stage or profile fails is recorded with the error
+        and the search goes on: one bad choice (a quantize that misses its own bound) must not end the others."""
+        plan = self.plan_for(trials)
+        outcome = self.run_plan(plan, keep_going=True)
+        ready: dict[str, tuple[Trial, dict[str, Any]]] = {}
+        for trial in trials:
+            variant = concrete_id(trial.template, trial.assignment)
+            record = {"variant": variant, "params": trial.params, "pruned": None, "error": None}
+            self.log.trials.append(record)
+            self.log.values[trial] = None
+            failure = outcome.failures.get(plan.variants.get(variant, ""))
+            if failure is not None:
+                self._failed(record, failure.message)
+            else:
+                ready[variant] = (trial, record)
         spec = self.space.spec
-        record = {"variant": variant, "params": trial.params, "pruned": None, "error": None}
-        self.log.trials.append(record)
-        self.log.values[trial] = None
-        try:
-            plan = self.plan_for([trial])
-            runs = self.run_plan(plan)
-            early = before_serving(spec["constraints"])
-            gate = (lambda entry: _broken(variant, entry, early, spec["concurrency"])) if early else None
-            entry = self.profiler.measure(variant, runs[plan.variants[variant]].entry.output, before_serving=gate)
-        except PassError as exc:
-            console.warn(f"search: trial {variant} failed: {exc}")
-            record["error"] = str(exc)
+        early = before_serving(spec["constraints"])
+        gate = (lambda variant, entry: _broken(variant, entry, early, spec["concurrency"])) if early else None
+        stage_of = {v: outcome.runs[plan.variants[v]] for v in ready}
+        entries = self.profiler.measure_many({v: (r.entry.output, r.stage.key) for v, r in stage_of.items()},
+                                             gate, keep_going=True)
+        for variant, (trial, record) in ready.items():
+            self._record(trial, record, entries[variant])
+
+    def _failed(self, record: dict[str, Any], message: str) -> None:
+        console.warn(f"search: trial {record['variant']} failed: {message}")
+        record["error"] = message
+
+    def _record(self, trial: Trial, record: dict[str, Any], entry: Any) -> None:
+        if isinstance(entry, PassError):
+            self._failed(record, str(entry))
             return
+        variant = record["variant"]
         self.log.measured[variant] = entry
         self.log.good.append(trial)
         record["pruned"] = entry.get("pruned")
         if not record["pruned"]:
             cost_of = _cost_of(self.profiler.projections({variant: entry}), self)
-            self.log.values[trial] = objective_value(variant, entry, spec, cost_of)[0]
+            self.log.values[trial] = objective_value(variant, entry, self.space.spec, cost_of)[0]
 
     def out_of_time(self) -> bool:
         limit = self.space.spec.get("max_minutes")
@@ -109,13 +125,18 @@ def _broken(variant: str, entry: dict[str, Any], constraints, concurrency: int) 
 
 
 def run_grid(search: SearchRun) -> list[Trial]:
-    """Every planned trial in declaration order (the DAG shares their prefixes), until the time budget ends."""
+    """The planned trials in waves: all of them at once under Ray (the DAG shares their prefixes; the cluster
+    runs their branches side by side), one at a time locally so that max_minutes can stop between trials."""
     trials = search.space.planned()
-    for i, trial in enumerate(trials):
+    wave = len(trials) if search.executor.name == "ray" else 1
+    for start in range(0, len(trials), wave):
         if search.out_of_time():
             break
-        console.say(f"search: trial {i + 1} of {len(trials)}: {concrete_id(trial.template, trial.assignment)}")
-        search.evaluate(trial)
+        batch = trials[start:start + wave]
+        console.say(f"search: trials {start + 1}-{start + len(batch)} of {len(trials)}" if wave > 1 else
+                    f"search: trial {start + 1} of {len(trials)}: "
+                    f"{concrete_id(batch[0].template, batch[0].assignment)}")
+        search.evaluate(batch)
     return list(search.log.values)
 
 
@@ -140,7 +161,7 @@ def run_sampled(search: SearchRun) -> list[Trial]:
         if trial not in search.log.values:
             console.say(f"search: trial {len(tried) + 1} of at most {spec['max_trials']}: "
                         f"{concrete_id(trial.template, trial.assignment)}")
-            search.evaluate(trial)
+            search.evaluate([trial])
             tried.append(trial)
         value = search.log.values[trial]
         study.tell(asked, value) if value is not None else study.tell(asked, state=optuna.trial.TrialState.FAIL)
@@ -175,18 +196,22 @@ def build_search(plan: Plan, options: BuildOptions) -> BuildResult:
     final = options.out_root / recipe.name
     recover_interrupted(final)
     search = SearchRun(plan, options, device)
-    base = search.plan_for([])  # the stages no search reaches, baseline among them
-    runs = search.run_plan(base)
-    with VariantProfiler(recipe.resolved, runs[SOURCE].entry.output, recipe.base_dir, device) as profiler:
-        search.profiler = profiler
-        search.measure(base, runs)
-        tried = run_grid(search) if search.space.strategy == "grid" else run_sampled(search)
-        final_plan = search.plan_for(search.log.good)
-        runs = search.run_plan(final_plan)
-        rows = profiler.projections(search.log.measured)
-        block = search_block(search.space.spec, search.log.trials, search.log.measured,
-                             not_tried(search.space, tried), cost_of=_cost_of(rows, search))
-        return _stage_out(final_plan, runs, search, block, rows, final, options)
+    try:
+        base = search.plan_for([])  # the stages no search reaches, baseline among them
+        runs = search.run_plan(base).runs
+        with VariantProfiler(recipe.resolved, runs[SOURCE].entry.output, recipe.base_dir, device,
+                             search.executor.server(base, search.cache)) as profiler:
+            search.profiler = profiler
+            search.measure(base, runs)
+            tried = run_grid(search) if search.space.strategy == "grid" else run_sampled(search)
+            final_plan = search.plan_for(search.log.good)
+            runs = search.run_plan(final_plan).runs
+            rows = profiler.projections(search.log.measured)
+            block = search_block(search.space.spec, search.log.trials, search.log.measured,
+                                 not_tried(search.space, tried), cost_of=_cost_of(rows, search))
+            return _stage_out(final_plan, runs, search, block, rows, final, options)
+    finally:
+        search.executor.close()
 
 
 def _cost_of(rows: list[dict[str, Any]], search: SearchRun):

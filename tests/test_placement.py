@@ -119,7 +119,7 @@ def test_profile_variant_fails_when_fallback_is_not_allowed(monkeypatch, tmp_pat
         return {"placement": {k: v for k, v in _placement(["GroupQueryAttention"], False).items() if k != "allowed"},
                 "load_seconds": None, "runs": []}
 
-    monkeypatch.setattr(profiler, "_serve_isolated", fake_serve)
+    monkeypatch.setattr(profiler, "serve_isolated", fake_serve)
     with pytest.raises(PassError, match="GroupQueryAttention"):
         profiler.profile_variant(variant_dir, {"workload": {"requests": 1}}, "cpu")
     assert seen["allowed"] is False

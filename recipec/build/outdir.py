@@ -37,7 +37,7 @@ def manifest(plan: Plan, runs: dict[str, StageRun], device: str) -> dict[str, An
         "device": device,
         "stages": [
             {"id": r.stage.id, "op": r.stage.op, "params": r.stage.params, "after": r.stage.parents,
-             "implicit": r.stage.implicit, "key": r.stage.key, "cached": r.cached,
+             "implicit": r.stage.implicit, "key": r.stage.key, "cached": r.cached, "node": r.node,
              "seconds": r.entry.meta["seconds"], "output_sha256": sha256_text(canonical(r.entry.meta["files"])),
              "files": r.entry.meta["files"], "metrics": r.entry.meta["metrics"], **stage_memory(r)}
             for r in runs.values()

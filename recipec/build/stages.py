@@ -46,6 +46,7 @@ class StageRun:
     entry: Entry
     cached: bool
     seconds: float
+    node: str | None = None  # where it ran: the hostname, or the Ray node id and hostname
 
 
 def run_stages(plan: Plan, cache: StageCache, device: str, force: bool) -> dict[str, StageRun]:

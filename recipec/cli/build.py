@@ -15,7 +15,12 @@ def register(sub) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="overrides serving.device")
     p.add_argument("--no-profile", action="store_true", help="skip profiling and the report")
     p.add_argument("--force", action="store_true", help="rerun every stage, ignoring the cache")
-    p.add_argument("--cache-dir", type=Path, help="stage cache (default $RECIPEC_CACHE or ~/.cache/recipec)")
+    p.add_argument("--cache-dir", help="stage cache: a directory or an fsspec URL such as s3://bucket/prefix "
+                                       "(default $RECIPEC_CACHE or ~/.cache/recipec)")
+    p.add_argument("--executor", choices=["local", "ray"],
+                   help="where stages and measurements run (default $RECIPEC_EXECUTOR or local)")
+    p.add_argument("--ray-address", help="the Ray cluster to join (default $RAY_ADDRESS; neither: a local Ray "
+                                         "instance)")
     p.set_defaults(handler=cmd_build)
 
 
@@ -25,7 +30,7 @@ def cmd_build(args) -> int:
 
     plan = load_plan(args.recipe)
     options = BuildOptions(out_root=args.out, cache_root=args.cache_dir, device=args.device, force=args.force,
-                           profile=not args.no_profile)
+                           profile=not args.no_profile, executor=args.executor, ray_address=args.ray_address)
     console.say(f"building {plan.recipe.name} from {args.recipe}")
     if plan.search:
         if args.no_profile:

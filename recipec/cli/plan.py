@@ -12,7 +12,7 @@ def register(sub) -> None:
     p = sub.add_parser("plan", help="show the stages a build would run, their cache keys and variants")
     p.add_argument("recipe", type=Path)
     p.add_argument("--format", choices=["text", "json", "dot"], default="text")
-    p.add_argument("--cache-dir", type=Path, help="stage cache (default $RECIPEC_CACHE or ~/.cache/recipec)")
+    p.add_argument("--cache-dir", help="stage cache: a directory or an fsspec URL (default $RECIPEC_CACHE or ~/.cache/recipec)")
     p.set_defaults(handler=cmd_plan)
 
 

@@ -23,7 +23,7 @@ def register(sub) -> None:
     p.add_argument("--workload", action="append", default=[], metavar="KEY=VALUE",
                    help="override serving.workload (e.g. requests=8, concurrency=1,4), batching (policy=static) or the "
                         "SLO (slo.ttft_ms=200)")
-    p.add_argument("--cache-dir", type=Path, help="stage cache holding the source model (for quality)")
+    p.add_argument("--cache-dir", help="stage cache holding the source model (for quality): a directory or an fsspec URL")
     p.set_defaults(handler=cmd_profile)
 
 

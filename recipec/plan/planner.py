@@ -226,7 +226,7 @@ def _pass_check_problems(plan: Plan) -> list[Problem]:
     if not checked:
         return []
     try:
-        config = _source_config(plan.recipe.resolved["model"], plan.recipe.base_dir)
+        config = source_config(plan.recipe.resolved["model"], plan.recipe.base_dir)
     except PassError as exc:
         field = "config" if plan.recipe.resolved["model"]["source"] == "synthetic" else "path"
         return [plan.recipe.problem(("model", field), str(exc))]
@@ -240,7 +240,7 @@ def _pass_check_problems(plan: Plan) -> list[Problem]:
     return problems
 
 
-def _source_config(model: dict[str, Any], base_dir):
+def source_config(model: dict[str, Any], base_dir):
     """The source model's config without loading weights; None where it would need the network or would run
     the model's own code (validate and plan never run remote code: only the build does, after warning)."""
     from transformers import AutoConfig

@@ -127,7 +127,7 @@ def _worker_main(argv: list[str]) -> int:
     return 0
 
 
-def _serve_isolated(variant_dir: Path, device: str, runs: list[dict[str, Any]], threads: int,
+def serve_isolated(variant_dir: Path, device: str, runs: list[dict[str, Any]], threads: int,
                     log: Callable[[str], None], allow_cpu_fallback: bool = True) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="recipec-profile-") as tmp:
         job, out = Path(tmp) / "job.json", Path(tmp) / "out.json"
@@ -206,31 +206,53 @@ def profile_variant(variant_dir: Path | str, serving_spec: dict[str, Any], devic
     and MFU denominators; without it they are null). Quality is measured first; `before_serving(entry)` may
     then return a reason not to serve the variant (a search's broken quality constraint): the entry keeps its
     quality, has no serving runs, and says why under `pruned`."""
-    from recipec.core.memory import release
-    from recipec.onnx.artifact import read_artifact
-
     variant_dir = Path(variant_dir)
-    art = read_artifact(variant_dir)
-    cost = model_cost(art)
-    threads = int(serving_spec.get("threads", 0))
-    log("evaluating quality")
-    model = load_model(variant_dir, device, threads)
-    quality = evaluate_quality(model, eval_tokens, source_logits, source_greedy)
-    del model
-    release()  # the serving process's memory is measured; this one should hold no model while it runs
-    entry = {"artifact": artifact_section(variant_dir, art, cost, device, hardware), "quality": quality, "serving": [],
-             "load_seconds": None}
+    entry = measure_quality(variant_dir, serving_spec, device, eval_tokens, source_logits, source_greedy,
+                            hardware, log)
     reason = before_serving(entry) if before_serving else None
     if reason:
         log(reason)
         return {**entry, "pruned": reason}
     allowed = bool(serving_spec.get("allow_cpu_fallback", False))
-    raw = _serve_isolated(variant_dir, device, serving_plan(serving_spec), threads, log, allowed)
-    placement = {**raw["placement"], "allowed": allowed}
-    check_placement(name or variant_dir.name, placement)
-    peaks = _peaks(hardware, entry["artifact"]["compute_dtype"])
+    raw = serve_isolated(variant_dir, device, serving_plan(serving_spec), int(serving_spec.get("threads", 0)), log,
+                         allowed)
+    return finish_serving(entry, raw, variant_dir, serving_spec, hardware, name or variant_dir.name)
+
+
+def measure_quality(variant_dir: Path, serving_spec: dict[str, Any], device: str, eval_tokens, source_logits,
+                    source_greedy, hardware: dict[str, Any] | None, log: Callable[[str], None]) -> dict[str, Any]:
+    """The entry with its artifact and quality sections, before any serving run. The model is freed before
+    returning: a serving process measured next should not share the machine with it."""
+    from recipec.core.memory import release
+    from recipec.onnx.artifact import read_artifact
+
+    art = read_artifact(variant_dir)
+    log("evaluating quality")
+    model = load_model(variant_dir, device, int(serving_spec.get("threads", 0)))
+    quality = evaluate_quality(model, eval_tokens, source_logits, source_greedy)
+    del model
+    release()
+    return {"artifact": artifact_section(variant_dir, art, model_cost(art), device, hardware), "quality": quality,
+            "serving": [], "load_seconds": None}
+
+
+def finish_serving(entry: dict[str, Any], raw: dict[str, Any], variant_dir: Path, serving_spec: dict[str, Any],
+                   hardware: dict[str, Any] | None, name: str) -> dict[str, Any]:
+    """The entry with its serving runs summarized from the raw measurement. A measurement made on another node
+    (the Ray executor) brings that node's hardware, whose peaks its MBU and MFU divide by."""
+    from recipec.onnx.artifact import read_artifact
+
+    placement = {**raw["placement"], "allowed": bool(serving_spec.get("allow_cpu_fallback", False))}
+    check_placement(name, placement)
+    art = read_artifact(variant_dir)
+    node_hardware = raw.get("hardware") or hardware
+    artifact = {**entry["artifact"], "compute_dtype": compute_dtype(art, placement["device"], node_hardware)}
+    peaks = _peaks(node_hardware, artifact["compute_dtype"])
+    cost = model_cost(art)
     serving = [summarize_raw(r, cost, peaks, serving_spec.get("slo")) for r in raw["runs"]]
-    return {**entry, "serving": serving, "load_seconds": raw["load_seconds"], "placement": placement}
+    remote = {"node": raw["node"], "hardware": raw["hardware"]} if raw.get("node") else {}
+    return {**entry, "artifact": artifact, "serving": serving, "load_seconds": raw["load_seconds"],
+            "placement": placement, **remote}
 
 
 def check_placement(variant: str, placement: dict[str, Any]) -> None:
