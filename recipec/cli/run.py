@@ -1,5 +1,6 @@
 """`recipec run BUILD_DIR --prompt ...`: generate from a built variant, streaming the text, then the call's
-TTFT and TPOT."""
+TTFT and TPOT. With the recipe's serving.speculative, or --speculative, it decodes speculatively
+(docs/speculative.md) and prints the acceptance rate and tokens per target step too."""
 from __future__ import annotations
 
 import sys
@@ -21,6 +22,11 @@ def register(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--speculative", choices=["ngram", "draft", "off"],
+                   help="speculative decoding method; overrides the recipe's serving.speculative (off: none)")
+    p.add_argument("--speculative-tokens", type=int, metavar="K", help="tokens proposed per step (default: "
+                   "the recipe's, else 4)")
+    p.add_argument("--draft", metavar="VARIANT", help="the draft model's variant (method draft)")
     p.set_defaults(handler=cmd_run)
 
 
@@ -35,15 +41,81 @@ def cmd_run(args) -> int:
     lm = runtime.load(variant_dir, device=args.device)
     tokenizer = runtime.tokenizer(variant_dir)
     prompt = _prompt_ids(args.prompt, tokenizer)
+    spec = _speculation(args)
+    proposer = _proposer(spec, lm, args) if spec is not None else None
     stream = _Stream(tokenizer, prompt)
-    result = lm.generate([prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, seed=args.seed, on_token=lambda _seq, token, _t: stream.add(token))
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                    on_token=lambda _seq, token, _t: stream.add(token))
+    if spec is None:
+        result = lm.generate([prompt], args.max_new_tokens, **sampling)
+    else:
+        from recipec.runtime.speculative import generate_speculative
+
+        result = generate_speculative(lm, [prompt], args.max_new_tokens, spec, proposer=proposer, **sampling)
     stream.finish()
     tpot = result.tpot(0)
     console.say(f"{len(result.tokens[0])} tokens ({result.finish_reasons[0]}) on {lm.device}: "
                 f"TTFT {result.ttft(0) * 1000:.1f} ms, TPOT {'n/a' if tpot is None else f'{tpot * 1000:.2f} ms'} "
                 "(wall clock of this call at batch 1, model loading excluded)")
+    if spec is not None:
+        console.say(_spec_line(spec, result.stats))
     return EXIT_OK
+
+
+def _proposer(spec, lm, args):
+    from recipec.runtime import lm as runtime
+    from recipec.runtime.speculative import make_proposer
+
+    draft = None
+    if spec.method == "draft":
+        draft = runtime.load(builddir.variant_dir(args.build_dir, spec.draft), device=args.device)
+    try:
+        return make_proposer(spec, lm, draft)
+    except ValueError as exc:  # a draft whose vocabulary is not the target's
+        raise UsageError(f"draft variant {spec.draft!r}: {exc}") from None
+
+
+def _speculation(args):
+    """The recipe's serving.speculative with the command line's flags applied; None for none."""
+    from recipec.runtime.speculative import SpecConfig
+
+    if args.speculative_tokens is not None and args.speculative_tokens < 1:
+        raise UsageError("--speculative-tokens must be at least 1")
+    section = dict(_recipe_serving(args.build_dir).get("speculative") or {})
+    if args.speculative == "off" or not (section or args.speculative):
+        return None
+    if args.speculative and args.speculative != section.get("method"):
+        # Another method: the recipe's draft (and its K, tuned for its method) does not carry over.
+        section = {"method": args.speculative}
+    overrides = {"tokens": args.speculative_tokens, "draft": args.draft}
+    section.update({key: value for key, value in overrides.items() if value is not None})
+    if section["method"] == "draft" and not section.get("draft"):
+        raise UsageError("speculative method draft needs the draft's variant: --draft VARIANT")
+    if section["method"] == "ngram":
+        if args.draft:
+            console.warn("--draft is for --speculative draft; ngram lookup needs no draft model")
+        section.pop("draft", None)
+    try:
+        return SpecConfig(**section)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _recipe_serving(build_dir: Path) -> dict:
+    """The build's serving section; a variants/ directory without a manifest has none."""
+    if not (Path(build_dir) / builddir.MANIFEST).is_file():
+        return {}
+    manifest = builddir.read_manifest(build_dir)
+    return ((manifest.get("recipe") or {}).get("resolved") or {}).get("serving") or {}
+
+
+def _spec_line(spec, stats) -> str:
+    rate, per_step = stats.acceptance_rate, stats.tokens_per_target_step
+    method = f"draft {spec.draft}" if spec.method == "draft" else f"ngram (n <= {spec.max_ngram})"
+    return (f"speculative {method}, K={spec.tokens}: {stats.accepted}/{stats.proposed} proposed tokens accepted "
+            f"({'n/a' if rate is None else f'{rate:.0%}'}), "
+            f"{'n/a' if per_step is None else f'{per_step:.2f}'} tokens per target step "
+            f"over {stats.target_steps} steps")
 
 
 def _prompt_ids(prompt: str, tokenizer) -> list[int]:

@@ -117,6 +117,23 @@ def _serving_section() -> dict[str, Any]:
                 "allOf": [{"if": {"properties": {"arrival": {"const": "poisson"}}, "required": ["arrival"]},
                            "then": {"required": ["rate_rps"]}}],
             },
+            "speculative": {
+                "type": "object", "additionalProperties": False, "required": ["method"],
+                "description": "Speculative decoding (docs/speculative.md) in `recipec run`: a proposer guesses "
+                               "`tokens` tokens, the variant verifies them in one forward; lossless (greedy "
+                               "output is the variant's own). The profiler and `recipec serve` do not use it yet.",
+                "properties": {
+                    "method": {"enum": ["ngram", "draft"],
+                               "description": "ngram: prompt lookup in the sequence so far; draft: a second "
+                                              "variant of this build decodes the proposals."},
+                    "tokens": {**pos_int, "maximum": 32, "default": 4, "description": "K, tokens proposed per step."},
+                    "draft": {"type": "string", "minLength": 1, "description": "method draft: the draft's variant id."},
+                    "max_ngram": {**pos_int, "maximum": 16, "default": 3,
+                                  "description": "ngram: the longest suffix looked up (then shorter ones)."},
+                },
+                "allOf": [{"if": {"properties": {"method": {"const": "draft"}}, "required": ["method"]},
+                           "then": {"required": ["draft"]}}],
+            },
             "cost": COST_SCHEMA,
             "slo": {
                 "type": "object", "additionalProperties": False, "minProperties": 1,

@@ -8,7 +8,9 @@ provider through IOBinding, with its outputs bound to the same device:
 - select: Gather takes the rows (axis 0); where the kept rows leave leading columns that are padding in
   all of them, Slice drops those columns (axis 2) first;
 - merge: Concat stacks the rows of both caches (axis 0); the shorter one goes through Pad first, which
-  left-pads it with zeros to the longer length (axis 2).
+  left-pads it with zeros to the longer length (axis 2);
+- truncate: Slice keeps the first columns (axis 2), dropping the trailing ones: speculative decoding rolls
+  the cache back past the proposed tokens the target rejected.
 
 Each op is its own graph variant so that a tensor is copied only as often as the move needs (a Slice
 from column 0 or a Pad by 0 columns would still copy it). One graph covers every layer's keys and values,
@@ -37,7 +39,7 @@ _TO_END = np.iinfo(np.int64).max
 
 
 class KVOps:
-    """select and merge of cache tensors [B, H, T, D] for one device ("cpu" or "cuda")."""
+    """select, merge and truncate of cache tensors [B, H, T, D] for one device ("cpu" or "cuda")."""
 
     # One thread: the moves are memory-bound copies. On a 2-core CPU a thread pool made them no faster
     # (96 MB cache; up to 3x slower in some runs), and a pool of their own would spin against the model's.
@@ -67,6 +69,10 @@ class KVOps:
         small = {"pads": _left_pads(pad_first or pad_second)} if pad_first or pad_second else {}
         return self._run(("merge", bool(pad_first), bool(pad_second)), [*first, *second], len(first), small)
 
+    def truncate(self, tensors: Sequence[Any], length: int) -> list[Any]:
+        """Each tensor's first `length` columns."""
+        return self._run(("truncate",), tensors, len(tensors), {"end": np.array([length], np.int64)})
+
     def _run(self, variant: tuple[Any, ...], tensors: Sequence[Any], count: int,
              small: dict[str, np.ndarray]) -> list[Any]:
         if not tensors:
@@ -95,7 +101,7 @@ class KVOps:
         key = (variant, elem, count)
         if key not in self._sessions:
             kind, *flags = variant
-            graph = _select_graph(elem, count, *flags) if kind == "select" else _merge_graph(elem, count, *flags)
+            graph = _GRAPHS[kind](elem, count, *flags)
             self._sessions[key] = _load(graph, self.device, self.threads)
         return self._sessions[key]
 
@@ -146,9 +152,19 @@ def _merge_graph(elem: int, count: int, pad_first: bool, pad_second: bool) -> on
     return _model("kv_merge", nodes, inputs, _tensors("out", elem, count), [])
 
 
+def _truncate_graph(elem: int, count: int) -> onnx.ModelProto:
+    """Slice columns [0, end) of each tensor."""
+    starts = helper.make_tensor("starts", TensorProto.INT64, [1], [0])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [_AXIS_SEQ])
+    nodes = [helper.make_node("Slice", [f"kv{i}", "starts", "end", "axes"], [f"out{i}"]) for i in range(count)]
+    inputs = [*_tensors("kv", elem, count), helper.make_tensor_value_info("end", TensorProto.INT64, [1])]
+    return _model("kv_truncate", nodes, inputs, _tensors("out", elem, count), [starts, axes])
+
+
+_GRAPHS = {"select": _select_graph, "merge": _merge_graph, "truncate": _truncate_graph}
 # Every graph a cache can need: the longer cache of a merge sets the length, so at most one side is padded.
 _VARIANTS = (("select", False), ("select", True), ("merge", False, False), ("merge", True, False),
-             ("merge", False, True))
+             ("merge", False, True), ("truncate",))
 
 
 def _tensors(prefix: str, elem: int, count: int) -> list[onnx.ValueInfoProto]:

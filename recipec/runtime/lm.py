@@ -5,6 +5,7 @@
     logits, cache = lm.decode([11, 12], cache)         # one token per row -> [B, V], the grown cache
     cache = cache.select([1])                          # keep row 1 (drop finished sequences)
     cache = cache.merge(other_cache)                   # rows of both; the shorter cache is left-padded
+    cache = cache.truncate(cache.seq_len - 2)          # drop the last two columns (speculative rollback)
     result = lm.generate([[5, 6, 7]], max_new_tokens=16, temperature=0.0)
 
 Prefill left-pads the prompts and computes position_ids from the attention mask (count of real tokens
@@ -78,6 +79,14 @@ class KVCache:
         tensors = self._ops().merge(self._tensors(), other._tensors(), pad, other_pad)
         mask = np.concatenate([np.pad(self.mask, ((0, 0), (pad, 0))), np.pad(other.mask, ((0, 0), (other_pad, 0)))])
         return self._with(tensors, mask)
+
+    def truncate(self, length: int) -> "KVCache":
+        """The first `length` columns: what the cache held before its last seq_len - length tokens."""
+        if not 0 <= length <= self.seq_len:
+            raise ValueError(f"cannot truncate a cache of {self.seq_len} columns to {length}")
+        if length == self.seq_len:
+            return self
+        return self._with(self._ops().truncate(self._tensors(), length), self.mask[:, :length])
 
     def host(self) -> "KVCache":
         """The same cache with numpy arrays (a copy from the device where it lives on one)."""
@@ -251,20 +260,27 @@ class OnnxLM:
 
 def sample(logits: np.ndarray, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
            rng: np.random.Generator | None = None) -> np.ndarray:
-    """Next token per row of logits [B, V]: argmax at temperature 0, else a draw from the softmax of
-    logits / temperature restricted to the top_k tokens (0 = all) and to the smallest set whose
-    probability reaches top_p."""
+    """Next token per row of logits [B, V]: argmax at temperature 0, else a draw from `probabilities`."""
     if temperature == 0:
         return logits.argmax(axis=-1).astype(np.int64)
-    rng = rng if rng is not None else np.random.default_rng()
+    return draw(probabilities(logits, temperature, top_k, top_p), rng)
+
+
+def probabilities(logits: np.ndarray, temperature: float, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
+    """What `sample` draws from (temperature > 0), float64 [B, V]: the softmax of logits / temperature
+    restricted to the top_k tokens (0 = all) and to the smallest set whose probability reaches top_p."""
     scaled = logits.astype(np.float64) / temperature
     if 0 < top_k < scaled.shape[-1]:
         kth = np.partition(scaled, -top_k, axis=-1)[:, -top_k:].min(axis=-1, keepdims=True)
         scaled = np.where(scaled < kth, -np.inf, scaled)
     probs = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
     probs /= probs.sum(axis=-1, keepdims=True)
-    if top_p < 1.0:
-        probs = _nucleus(probs, top_p)
+    return _nucleus(probs, top_p) if top_p < 1.0 else probs
+
+
+def draw(probs: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+    """One token per row of probs [B, V], which need not be normalized (a zero row is not allowed)."""
+    rng = rng if rng is not None else np.random.default_rng()
     cumulative = probs.cumsum(axis=-1)
     draws = rng.random((probs.shape[0], 1)) * cumulative[:, -1:]
     return np.minimum((cumulative <= draws).sum(axis=-1), probs.shape[-1] - 1).astype(np.int64)
