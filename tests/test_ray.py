@@ -128,3 +128,34 @@ def test_ray_missing_or_unreachable_is_a_clear_error(tmp_path):
     assert result.returncode != 0
     assert "Ray cluster at 127.0.0.1:1" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out/nowhere").exists()
+
+
+def test_a_ray_build_with_an_s3_cache_serves_a_fresh_node_from_s3(cluster, tmp_path):
+    """The workers reach the bucket with the driver's AWS_* settings (forwarded through Ray's runtime_env),
+    and a later build on a node with an empty mirror finds every stage in S3."""
+    server = pytest.importorskip("moto.server")
+    import boto3
+
+    moto = server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    moto.start()
+    try:
+        host, port = moto.get_host_and_port()
+        aws = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+               "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+        boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                     aws_access_key_id="testing", aws_secret_access_key="testing").create_bucket(Bucket="team")
+        recipe = write(tmp_path, "s3")
+        remote = recipec("build", str(recipe), "--out", str(tmp_path / "ray"), "--no-profile", "--executor", "ray",
+                         "--ray-address", cluster.address, "--cache-dir", "s3://team/cache",
+                         env={**os.environ, **aws, "RECIPEC_CACHE_LOCAL": str(tmp_path / "mirror-a")}, timeout=900)
+        assert remote.returncode == 0, remote.stdout[-3000:] + remote.stderr[-3000:]
+        fresh = recipec("build", str(recipe), "--out", str(tmp_path / "fresh"), "--no-profile",
+                        "--cache-dir", "s3://team/cache",
+                        env={**os.environ, **aws, "RECIPEC_CACHE_LOCAL": str(tmp_path / "mirror-b")})
+        assert fresh.returncode == 0, fresh.stderr[-3000:]
+        stages = json.loads((tmp_path / "fresh/s3/manifest.json").read_text())["stages"]
+        assert stages and all(s["cached"] for s in stages)
+        assert model_digests(tmp_path / "ray/s3") == model_digests(tmp_path / "fresh/s3")
+    finally:
+        moto.stop()

@@ -3,9 +3,10 @@ tasks that hold a whole node. Imported only when a build asks for `--executor ra
 """
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import networkx as nx
 
@@ -35,7 +36,8 @@ class RayExecutor:
             _probe(address)
             try:
                 self.ray.init(address=address, log_to_driver=True, include_dashboard=False,
-                              logging_level="ERROR", configure_logging=True)
+                              logging_level="ERROR", configure_logging=True,
+                              runtime_env={"env_vars": forwarded_environment()})
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise PassError(f"cannot reach the Ray cluster at {address or 'a new local instance'}: "
                                 f"{one_line(exc)}") from None
@@ -101,6 +103,18 @@ class RayExecutor:
     def close(self) -> None:
         if self.ray.is_initialized():
             self.ray.shutdown()
+
+
+FORWARDED = ("AWS_", "RECIPEC_", "HF_", "TRANSFORMERS_OFFLINE", "GOOGLE_APPLICATION_CREDENTIALS")
+
+
+def forwarded_environment() -> dict[str, str]:
+    """What the build's workers must see as the driver does: the stage cache's endpoint and credentials
+    (AWS_*), recipec's settings (the cache's local mirror, lease term) and the offline switches. A cluster whose
+    nodes have their own credentials (an IAM role) needs none of it; this makes one without them work too."""
+    import os
+
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED) and k != "RECIPEC_EXECUTOR"}
 
 
 def _probe(address: str | None, timeout_s: float = 5.0) -> None:
@@ -178,7 +192,6 @@ def _serve_task(variant: str, stage_key: str, cache_root: str, device: str, runs
                 threads: int, allowed: bool) -> dict[str, Any]:
     import ray
 
-    from recipec.profile.hardware import hardware_info
     from recipec.profile.profiler import serve_isolated
 
     cache = StageCache(cache_root, warn=console.warn)
@@ -188,9 +201,15 @@ def _serve_task(variant: str, stage_key: str, cache_root: str, device: str, runs
     started = time.time()
     raw = serve_isolated(Path(entry.output), device, runs, threads, lambda s: None, allowed)
     raw["node"] = f"{ray.get_runtime_context().get_node_id()[:12]} ({hostname()})"
-    raw["hardware"] = hardware_info(device)
+    raw["hardware"] = node_hardware(device)
     raw["served_seconds"] = time.time() - started
     return raw
 
 
-ServeFn = Callable[..., dict[str, Any]]
+@functools.lru_cache(maxsize=None)
+def node_hardware(device: str) -> dict[str, Any]:
+    """This node's peaks, measured once per worker process (Ray reuses workers): a measurement takes seconds
+    and a build measures many variants on the same node."""
+    from recipec.profile.hardware import hardware_info
+
+    return hardware_info(device)
