@@ -30,6 +30,12 @@ def genai_unsupported(artifact: dict[str, Any]) -> str | None:
                 f"({', '.join(GENAI_TYPES)})")
     if not kv:
         return "the graph has no KV cache"
+    if artifact.get("phases"):
+        # genai's decoder runs one `filename` for prompt and token generation alike; its multi-model
+        # `pipeline` chains sub-graphs within one step rather than choosing a graph per phase, and nobody
+        # checked it here, so a config naming model.onnx alone would prefill with the decode graph silently.
+        return ("a phase-split variant has a prefill graph and a decode graph, and genai_config.json's decoder "
+                "names one graph (docs/phase-split.md)")
     if not {"input_ids", "attention_mask"} <= names or "logits" not in {t["name"] for t in graph["outputs"]}:
         return "the graph lacks input_ids, attention_mask or logits"
     if not model.get("max_position_embeddings"):

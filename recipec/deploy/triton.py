@@ -117,6 +117,11 @@ def triton_config(name: str, artifact: dict[str, Any], policy: Policy, device: s
         raise Unsupported(f"unknown batching policy {policy.batching!r} (expected one of {', '.join(POLICIES)})")
     if device not in INSTANCE_KINDS:
         raise Unsupported(f"unknown device {device!r} (expected one of {', '.join(INSTANCE_KINDS)})")
+    if artifact.get("phases"):
+        # One Triton model is one graph; choosing a graph per phase would need a BLS or ensemble model that
+        # routes prompts and decode steps and hands the cache between them, which recipec does not write.
+        raise Unsupported("a phase-split variant runs prefill.onnx for prompts and model.onnx for decode "
+                          "steps, and a Triton onnxruntime model serves one graph (docs/phase-split.md)")
     graph = artifact["graph"]
     _check_batchable(name, graph)
     states = kv_states(artifact) if policy.batching == "continuous" else []

@@ -14,6 +14,9 @@ Sections:
   parameter count, MoE active parameters and the embedding tables (see `weight_stats`).
 - compute_dtype: per device, the dtype most of the matmul weights are multiplied in (see `compute_dtypes`).
 - verification: the export's check against PyTorch (null on variants nobody compared).
+- phases (phase-split variants only, docs/phase-split.md): the graph each phase runs, {"decode": {"file":
+  "model.onnx"}, "prefill": {"file": "prefill.onnx", external_data, weights, compute_dtype}}; every other
+  section describes model.onnx, the decode graph, whose KV layout and logits the prefill graph shares.
 - files: every file of the directory with its size.
 
 This module imports neither torch nor transformers at import time: the runtime reads artifacts in serving
@@ -36,6 +39,7 @@ from recipec.errors import PassError
 FORMAT = 1
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
+PREFILL_FILE = "prefill.onnx"  # a phase-split variant's prefill graph (its decode graph is MODEL_FILE)
 ARTIFACT_FILE = "artifact.json"
 # Files a variant directory keeps from the model directory so that tokenizers, Optimum and
 # onnxruntime-genai style loaders find the model's configuration beside the graph.
@@ -87,12 +91,15 @@ def read_artifact(variant_dir: Path | str) -> dict[str, Any]:
 
 def write_artifact_json(variant_dir: Path | str, model_dir_or_config: Any = None, *,
                         base: dict[str, Any] | None = None,
-                        verification: dict[str, Any] | None = None) -> dict[str, Any]:
+                        verification: dict[str, Any] | None = None,
+                        phases: dict[str, str] | None = None) -> dict[str, Any]:
     """Describe the ONNX variant in `variant_dir`; returns what it wrote to artifact.json.
 
     The model identity comes from `model_dir_or_config` (a save_pretrained directory or a transformers
     config) or else from `base`, the artifact of the variant this one was derived from. Everything else is
     read from the graph and the directory, so a pass that rewrote the graph gets a true description.
+    `phases` ({"prefill": file, "decode": MODEL_FILE}) marks a phase-split variant; its prefill graph is
+    described from that file.
     """
     variant_dir = Path(variant_dir)
     if model_dir_or_config is not None:
@@ -114,6 +121,9 @@ def write_artifact_json(variant_dir: Path | str, model_dir_or_config: Any = None
         "compute_dtype": compute_dtypes(proto),
         "verification": verification,
     }
+    if phases:
+        artifact["phases"] = {"decode": {"file": phases["decode"]},
+                              "prefill": _phase_graph(variant_dir, phases["prefill"], model)}
     (variant_dir / ARTIFACT_FILE).unlink(missing_ok=True)
     artifact["files"] = _files(variant_dir)
     (variant_dir / ARTIFACT_FILE).write_text(json.dumps(artifact, indent=2, sort_keys=True) + "\n")
@@ -148,6 +158,13 @@ def _config_and_generation(model_dir_or_config: Any) -> tuple[Any, dict[str, Any
     generation_file = model_dir / "generation_config.json"
     generation = json.loads(generation_file.read_text()) if generation_file.is_file() else {}
     return config, generation
+
+
+def _phase_graph(variant_dir: Path, name: str, model: dict[str, Any]) -> dict[str, Any]:
+    """What a second graph of the variant stores and computes in: the sections a profile reads per graph."""
+    proto = _load_graph(variant_dir / name)
+    return {"file": name, "external_data": _external_data(variant_dir, proto)["external_data"],
+            "weights": weight_stats(proto, model), "compute_dtype": compute_dtypes(proto)}
 
 
 def _load_graph(path: Path) -> onnx.ModelProto:

@@ -213,7 +213,7 @@ def _gpu_reader() -> NvmlReader | _Unmeasured:
     try:
         import pynvml
     except ImportError:
-        return _Unmeasured("nvidia-ml-py (pynvml) is not installed; it comes with recipec's gpu extra")
+        return _Unmeasured("nvidia-ml-py (pynvml, the NVML bindings) is not installed; it comes with recipec's gpu extra")
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError as exc:

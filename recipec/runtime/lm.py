@@ -117,6 +117,19 @@ def _cpu_ops() -> KVOps:
     return KVOps("cpu")
 
 
+@dataclass(frozen=True)
+class _GraphInfo:
+    """What a session's graph takes beyond the fixed inputs: position_ids, and logits_to_keep."""
+
+    position_ids: bool
+    select_logits: bool
+
+    @classmethod
+    def of(cls, sess: Any) -> "_GraphInfo":
+        return cls("position_ids" in {i.name for i in sess.get_inputs()},
+                   art.LOGITS_TO_KEEP in {i.name for i in sess.get_overridable_initializers()})
+
+
 @dataclass
 class GenerationResult:
     tokens: list[list[int]]  # generated tokens per prompt (eos included when it stopped a sequence)
@@ -134,8 +147,12 @@ class GenerationResult:
 
 
 class OnnxLM:
-    def __init__(self, session: Any, artifact: dict[str, Any], device: str):
+    def __init__(self, session: Any, artifact: dict[str, Any], device: str, prefill_session: Any = None):
+        """prefill_session: a phase-split variant's prefill graph (docs/phase-split.md), which prefill and
+        every multi-token forward run while decode steps run `session`; both share one KV layout, which the
+        phase_split pass checked, so the cache one writes is the cache the other reads."""
         self.session, self.artifact, self.device = session, artifact, device
+        self.prefill_session = prefill_session if prefill_session is not None else session
         kv = artifact.get("kv_cache")
         if not kv:
             raise PassError("the variant's graph has no past_key_values inputs; the runtime needs a graph "
@@ -146,14 +163,17 @@ class OnnxLM:
         self._past = art.kv_names(kv["inputs"], self.num_layers)
         # Outputs are fetched by name in this order (logits, then key/value per layer), whatever the graph's order.
         self._outputs = ["logits", *art.kv_names(kv["outputs"], self.num_layers)]
-        self._inputs = {i.name for i in session.get_inputs()}
-        self._select_logits = art.LOGITS_TO_KEEP in {i.name for i in session.get_overridable_initializers()}
+        self._info = {"decode": _GraphInfo.of(self.session), "prefill": _GraphInfo.of(self.prefill_session)}
         self._kv_ops = KVOps(device)
         self._kv_ops.prepare(self.kv_dtype, 2 * self.num_layers)
         eos = artifact["model"].get("eos_token_id")
         self.eos_token_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         pad = artifact["model"].get("pad_token_id")
         self.pad_token_id = pad if pad is not None else 0
+
+    @property
+    def phase_split(self) -> bool:
+        return self.prefill_session is not self.session
 
     # --- step API -------------------------------------------------------------------------------------
 
@@ -173,7 +193,7 @@ class OnnxLM:
         for row, prompt in enumerate(prompts):
             ids[row, width - len(prompt):] = prompt
             mask[row, width - len(prompt):] = 1
-        logits, cache = self.forward(ids, mask, self.empty_cache(len(prompts)), logits_to_keep=1)
+        logits, cache = self.forward(ids, mask, self.empty_cache(len(prompts)), logits_to_keep=1, phase="prefill")
         return logits[:, -1], cache
 
     def decode(self, tokens: Sequence[int] | np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
@@ -181,30 +201,37 @@ class OnnxLM:
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)
         if ids.shape[0] != cache.batch_size:
             raise ValueError(f"decode got {ids.shape[0]} tokens for a cache of {cache.batch_size} rows")
-        logits, cache = self.forward(ids, np.ones_like(ids), cache, logits_to_keep=1)
+        logits, cache = self.forward(ids, np.ones_like(ids), cache, logits_to_keep=1, phase="decode")
         return logits[:, -1], cache
 
     def forward(self, input_ids: np.ndarray, new_mask: np.ndarray, cache: KVCache,
-                logits_to_keep: int = 0) -> tuple[np.ndarray, KVCache]:
+                logits_to_keep: int = 0, phase: str | None = None) -> tuple[np.ndarray, KVCache]:
         """New tokens [B, S] (new_mask 0 marks left padding) after the cache; logits of the last
-        logits_to_keep positions (0 = all) [B, S', V] and the cache grown by S."""
+        logits_to_keep positions (0 = all) [B, S', V] and the cache grown by S. phase ("prefill" or
+        "decode") picks a phase-split variant's graph; None picks by width: the prefill graph for S > 1,
+        since many tokens at once is the prefill's shape (speculative verification, quality evaluation)."""
+        if phase is None:
+            phase = "prefill" if input_ids.shape[1] > 1 else "decode"
+        if phase not in self._info:
+            raise ValueError(f"phase must be prefill or decode, got {phase!r}")
+        sess, info = self.prefill_session if phase == "prefill" else self.session, self._info[phase]
         mask = np.concatenate([cache.mask, new_mask.astype(np.int64)], axis=1)
         feeds = {"input_ids": input_ids, "attention_mask": mask}
-        if "position_ids" in self._inputs:
+        if info.position_ids:
             feeds["position_ids"] = np.maximum(mask.cumsum(axis=1) - 1, 0)[:, -input_ids.shape[1]:]
-        if self._select_logits:
+        if info.select_logits:
             feeds[art.LOGITS_TO_KEEP] = np.array(logits_to_keep, dtype=np.int64)
         past = [t for pair in zip(cache.keys, cache.values, strict=True) for t in pair]
-        outputs = self._run(feeds, past)
-        logits = outputs[0] if self._select_logits or logits_to_keep == 0 else outputs[0][:, -logits_to_keep:]
+        outputs = self._run(sess, feeds, past)
+        logits = outputs[0] if info.select_logits or logits_to_keep == 0 else outputs[0][:, -logits_to_keep:]
         return _host(logits), KVCache(list(outputs[1::2]), list(outputs[2::2]), mask, self._kv_ops)
 
-    def _run(self, feeds: dict[str, np.ndarray], past: list[Any]) -> list[Any]:
+    def _run(self, sess: Any, feeds: dict[str, np.ndarray], past: list[Any]) -> list[Any]:
         """One session run through IOBinding: past OrtValues are bound where they live, presents are
         allocated on the cache's device (the GPU under CUDA) and only the logits come to the host."""
         import onnxruntime
 
-        binding = self.session.io_binding()
+        binding = sess.io_binding()
         # bind_cpu_input cannot bind an overridable initializer (logits_to_keep); OrtValues can.
         for name, value in feeds.items():
             value = onnxruntime.OrtValue.ortvalue_from_numpy(np.require(value, requirements="C"))
@@ -215,7 +242,7 @@ class OnnxLM:
             binding.bind_ortvalue_input(name, value)
         for name in self._outputs:
             binding.bind_output(name, "cpu" if name == "logits" else self.device)
-        self.session.run_with_iobinding(binding)
+        sess.run_with_iobinding(binding)
         outputs = binding.get_outputs()  # in binding order, i.e. self._outputs
         return [outputs[0].numpy(), *outputs[1:]]
 
@@ -306,11 +333,18 @@ def _check_sampling(temperature: float, top_k: int, top_p: float) -> None:
 
 
 def load(variant_dir: Path | str, device: str = "auto", threads: int | None = None) -> OnnxLM:
-    """An OnnxLM on the CUDA provider where onnxruntime has it and device is auto or cuda, else on CPU."""
+    """An OnnxLM on the CUDA provider where onnxruntime has it and device is auto or cuda, else on CPU. A
+    phase-split variant (artifact.json `phases`) gets its prefill graph as a second session."""
     resolved = resolve_device(device)
     variant_dir = Path(variant_dir)
     artifact = art.read_artifact(variant_dir)
-    return OnnxLM(session(variant_dir / art.MODEL_FILE, resolved, threads=threads), artifact, resolved)
+    phases = artifact.get("phases") or {}
+    spinning = not phases  # two sessions taking turns must not spin-wait against each other
+    decode = session(variant_dir / phases.get("decode", {}).get("file", art.MODEL_FILE), resolved, threads=threads,
+                     spinning=spinning)
+    prefill = session(variant_dir / phases["prefill"]["file"], resolved, threads=threads,
+                      spinning=spinning) if phases else None
+    return OnnxLM(decode, artifact, resolved, prefill_session=prefill)
 
 
 def tokenizer(variant_dir: Path | str):
