@@ -259,3 +259,25 @@ def test_run_command_speculates_from_the_recipe_or_the_flag(tmp_path, variants, 
     assert main(args + ["--draft", "small_vocab"]) == 2
     assert "vocabulary" in capsys.readouterr().err
     assert main(args + ["--speculative", "draft", "--draft", "nope"]) == 2
+
+
+def test_a_draft_that_is_no_variant_of_the_build_is_refused_at_validate(tmp_path):
+    from recipec.errors import RecipeInvalid
+    from recipec.plan.planner import load_plan
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("""\
+recipe: 1
+name: spec
+model: {source: synthetic, family: llama, config: {hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 4, num_key_value_heads: 2, vocab_size: 64}}
+passes:
+  - {id: small, op: quantize, with: {scheme: int4}}
+serving:
+  speculative: {method: draft, draft: smal}
+""")
+    with pytest.raises(RecipeInvalid) as caught:
+        load_plan(recipe)
+    assert any("serving.speculative.draft: no variant 'smal' to draft with (variants: baseline, small)" in m
+               for m in caught.value.messages())
+    recipe.write_text(recipe.read_text().replace("draft: smal}", "draft: small}"))
+    assert load_plan(recipe).variants == {"baseline": "baseline", "small": "small"}

@@ -77,7 +77,7 @@ def build_plan(recipe: Recipe, versions: dict[str, str] | None = None, with_keys
     order = list(nx.lexicographical_topological_sort(graph, key=_declaration_rank(graph)))
     plan = Plan(recipe, graph, order, _warnings(graph), search=space, trials=list(trials or []))
     _mark_variants(plan)
-    problems = _gate_variant_problems(plan) + _pass_check_problems(plan)
+    problems = _gate_variant_problems(plan) + _draft_problems(plan) + _pass_check_problems(plan)
     if problems:
         raise RecipeInvalid(str(recipe.file), problems)
     if with_keys:
@@ -219,6 +219,16 @@ def _gate_variant_problems(plan: Plan) -> list[Problem]:
             problems.append(plan.recipe.problem(("gates", i, "variant"),
                                                 f"no variant {name!r} (variants: {', '.join(sorted(variants))})"))
     return problems
+
+
+def _draft_problems(plan: Plan) -> list[Problem]:
+    """A draft model for speculative decoding is a variant of the same build."""
+    spec = plan.recipe.resolved["serving"].get("speculative") or {}
+    draft = spec.get("draft")
+    if spec.get("method") != "draft" or draft is None or draft in plan.variants:
+        return []
+    return [plan.recipe.problem(("serving", "speculative", "draft"),
+                                f"no variant {draft!r} to draft with (variants: {', '.join(sorted(plan.variants))})")]
 
 
 def _pass_check_problems(plan: Plan) -> list[Problem]:
