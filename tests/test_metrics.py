@@ -134,3 +134,13 @@ def test_mfu_divides_by_the_peak_of_the_dtype_the_variant_computes_in():
     cpu = {"device": "cpu", "peak_tflops_by_dtype": {"tflops": {"float32": 0.2, "int8": 0.5}}}
     assert peak_tflops_for(cpu, "float32") == (0.2, "float32") and peak_tflops_for(cpu, "int8") == (0.5, "int8")
     assert peak_tflops_for(cpu, "float16") == (None, "float16")
+
+
+def test_engine_overhead_is_the_step_minus_the_session_run():
+    from recipec.profile.metrics import engine_overhead_ms
+
+    steps = [StepRecord("decode", 0.0, 0.010, ctx=[5], rows=1, padded_len=5, session_seconds=0.008),
+             StepRecord("decode", 0.010, 0.014, ctx=[6], rows=1, padded_len=6, session_seconds=0.003)]
+    assert engine_overhead_ms(steps) == pytest.approx((2.0 + 1.0) / 2)
+    assert engine_overhead_ms(steps[:1] + [StepRecord("decode", 0, 1, [1], 1, 1)]) is None
+    assert summarize_run(RECORDS, steps, None, None)["engine_overhead_ms"] == pytest.approx(1.5)

@@ -159,6 +159,7 @@ def test_end_to_end_profile_of_a_tiny_exported_model(tmp_path):
     for run in v["serving"]:
         assert run["completed"] == 4 and run["total_output_tokens"] == 20
         assert run["tpot_ms"]["p50"] > 0 and run["mbu"] > 0 and run["mfu"] > 0
+        assert 0 <= run["engine_overhead_ms"] < run["decode_step_ms"]  # onnxruntime's run is inside the step
         assert run["peak_memory_mb"] > 20 and "serving process" in run["peak_memory_source"]
     assert v["artifact"]["parameters"] > 0 and v["artifact"]["bytes"] > 4 * v["artifact"]["parameters"] * 0.9
     assert v["artifact"]["compute_dtype"] == {"dtype": "float32", "peak_dtype": "float32", "peak_tflops": 1e-6}

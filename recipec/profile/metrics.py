@@ -178,10 +178,19 @@ def efficiency(steps: Sequence[StepRecord], cost: ModelCost, peaks: Peaks,
     }
 
 
+def engine_overhead_ms(steps: Sequence[StepRecord]) -> float | None:
+    """Mean decode-step time spent outside onnxruntime's run (sampling, cache bookkeeping, Python), ms;
+    None when the model did not report its session time."""
+    if not steps or any(s.session_seconds is None for s in steps):
+        return None
+    return float(np.mean([s.seconds - s.session_seconds for s in steps])) * 1000.0
+
+
 def summarize_run(records: Sequence[RequestRecord], steps: Sequence[StepRecord], cost: ModelCost | None,
                   peaks: Peaks | None, slo: dict[str, float] | None = None) -> dict[str, Any]:
     """All metrics of one serving run (one policy at one concurrency or rate)."""
-    out: dict[str, Any] = {**latency_summary(records), **throughput_summary(records, slo)}
+    out: dict[str, Any] = {**latency_summary(records), **throughput_summary(records, slo),
+                           "engine_overhead_ms": engine_overhead_ms([s for s in steps if s.kind == "decode"])}
     tpot_mean = out["tpot_ms"]["mean"] if out["tpot_ms"] else None
     if cost is not None and peaks is not None:
         out.update(efficiency(steps, cost, peaks, tpot_mean))

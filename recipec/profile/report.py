@@ -31,6 +31,8 @@ METHODS = {
            "the tokens actually generated or prefilled (padding not counted) / measured model-call time / peak "
            "FLOP/s of the dtype the variant computes in (artifact.compute_dtype); mfu_prefill and mfu_decode split it by step kind. Step time, not TTFT, because TTFT includes "
            "queueing",
+    "engine_overhead_ms": "mean over decode steps of (step time - onnxruntime's run time inside it), ms: what the "
+                          "engine adds to the graph",
     "peak_memory_mb": "CPU: peak resident set (VmHWM) of a separate serving process, reset before each run; "
                       "CUDA: this process's GPU memory (NVML usedGpuMemory for its pid) sampled, device-wide use "
                       "only where NVML does not list the pid (peak_memory_source says which), plus the process's "

@@ -255,7 +255,8 @@ class Engine:
         logits, cache = call()
         tokens = self._pick(logits, rows)
         if self.record_steps:
-            self.steps.append(StepRecord(kind, t0, self.clock.now(), ctx, len(tokens), padded))
+            self.steps.append(StepRecord(kind, t0, self.clock.now(), ctx, len(tokens), padded,
+                                         getattr(self.model, "session_seconds", None)))
         return tokens, cache
 
     def _pick(self, logits: Any, rows: Sequence[Request]) -> np.ndarray:

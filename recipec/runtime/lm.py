@@ -153,6 +153,7 @@ class OnnxLM:
         phase_split pass checked, so the cache one writes is the cache the other reads."""
         self.session, self.artifact, self.device = session, artifact, device
         self.prefill_session = prefill_session if prefill_session is not None else session
+        self.session_seconds: float | None = None  # the last onnxruntime run's wall time
         kv = artifact.get("kv_cache")
         if not kv:
             raise PassError("the variant's graph has no past_key_values inputs; the runtime needs a graph "
@@ -242,7 +243,9 @@ class OnnxLM:
             binding.bind_ortvalue_input(name, value)
         for name in self._outputs:
             binding.bind_output(name, "cpu" if name == "logits" else self.device)
+        started = time.perf_counter()
         sess.run_with_iobinding(binding)
+        self.session_seconds = time.perf_counter() - started  # the engine's overhead is its step minus this
         outputs = binding.get_outputs()  # in binding order, i.e. self._outputs
         return [outputs[0].numpy(), *outputs[1:]]
 

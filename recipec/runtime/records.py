@@ -29,6 +29,7 @@ class StepRecord:
     ctx: list[int]
     rows: int  # rows computed, including finished rows a static batch still carries
     padded_len: int
+    session_seconds: float | None = None  # of which onnxruntime's run (None: a model that does not say)
 
     @property
     def seconds(self) -> float:
