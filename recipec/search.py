@@ -26,7 +26,7 @@ from recipec.plan.keys import assign_keys
 from recipec.plan.planner import build_plan
 from recipec.plan.search import SearchSpace, Trial, concrete_id
 from recipec.plan.stages import SOURCE, Plan
-from recipec.profile.search import before_serving, check_constraints, objective_of, objective_value, search_block
+from recipec.profile.search import COST, before_serving, check_constraints, objective_of, objective_value, search_block
 from recipec.workflow import BuildOptions, BuildResult, assemble, open_executor
 
 COST_HARDWARE = "H100 SXM 80GB"  # the cost objective's hardware row unless it names one
@@ -111,7 +111,8 @@ class SearchRun:
         self.log.good.append(trial)
         record["pruned"] = entry.get("pruned")
         if not record["pruned"]:
-            cost_of = _cost_of(self.profiler.projections({variant: entry}), self)
+            cost_of = (_cost_of(self.profiler.projections({variant: entry}), self)
+                       if objective_of(self.space.spec)[0] == COST else None)  # only a cost objective reads them
             self.log.values[trial] = objective_value(variant, entry, self.space.spec, cost_of)[0]
 
     def out_of_time(self) -> bool:

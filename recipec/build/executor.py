@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 
 from recipec.build.cache import StageCache
-from recipec.build.stages import DEFAULT_MEMORY_FACTOR, MEMORY_FACTORS, StageRun, run_stage, run_stages
+from recipec.build.stages import DEFAULT_MEMORY_FACTOR, MEMORY_FACTORS, StageRun, run_stage
 from recipec.errors import PassError, RecipecError
 from recipec.plan.stages import SOURCE, Plan
 
@@ -54,11 +54,6 @@ class LocalExecutor:
         """The stages in order. `done`: runs by cache key that this build already has (a search's shared
         stages), reused without a second look at the cache; `keep_going`: a failed stage skips its descendants
         and the others go on (a search's trials), instead of ending the build."""
-        if not keep_going and not done:
-            runs = run_stages(plan, cache, device, force)
-            for run in runs.values():
-                run.node = hostname()
-            return Outcome(runs)
         outcome = Outcome({})
         for stage in plan.stages:
             broken = [p for p in nx.ancestors(plan.graph, stage.id) if p in outcome.failures]

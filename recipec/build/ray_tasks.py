@@ -69,7 +69,7 @@ class RayExecutor:
                  outcome: Outcome) -> Outcome:
         for stage_id, ref in refs.items():
             try:
-                done = self._get(ref)
+                done = task_result(self.ray, ref, "a stage task", self.address)
             except PassError as exc:
                 if not keep_going:
                     raise
@@ -84,25 +84,27 @@ class RayExecutor:
                                               node=done["node"])
         return outcome
 
-    def _get(self, ref):
-        ray = self.ray
-        try:
-            return ray.get(ref)
-        except ray.exceptions.RayTaskError as exc:
-            cause = getattr(exc, "cause", None)
-            if isinstance(cause, RecipecError):
-                raise PassError(str(cause)) from None
-            raise PassError(f"a stage task failed: {one_line(cause or exc)}") from None
-        except (ray.exceptions.RaySystemError, ray.exceptions.WorkerCrashedError, ConnectionError) as exc:
-            raise PassError(f"lost the Ray cluster at {self.address or 'the local instance'} ({one_line(exc)}); "
-                            "finished stages stay in the cache: rerun the build to reuse them") from None
-
     def server(self, plan: Plan, cache: StageCache) -> "RayServing":
         return RayServing(self, plan, self.cache_root or str(cache.root))
 
     def close(self) -> None:
         if self.ray.is_initialized():
             self.ray.shutdown()
+
+
+def task_result(ray, ref, what: str, address: str | None):
+    """A task's return value; its failure as a PassError: a recipec error as it was raised on the worker,
+    anything else named with `what`, and a lost cluster said as such (finished entries stay cached)."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, RecipecError):
+            raise PassError(str(cause)) from None
+        raise PassError(f"{what} failed: {one_line(cause or exc)}") from None
+    except (ray.exceptions.RaySystemError, ray.exceptions.WorkerCrashedError, ConnectionError) as exc:
+        raise PassError(f"lost the Ray cluster at {address or 'the local instance'} ({one_line(exc)}); "
+                        "finished stages stay in the cache: rerun the build to reuse them") from None
 
 
 FORWARDED = ("AWS_", "RECIPEC_", "HF_", "TRANSFORMERS_OFFLINE", "GOOGLE_APPLICATION_CREDENTIALS")
@@ -155,7 +157,7 @@ class RayServing:
     cache by its stage key on that node, and the node's own hardware peaks come back with the runs."""
 
     def __init__(self, executor: RayExecutor, plan: Plan, cache_root: str):
-        self.ray, self.plan, self.cache_root = executor.ray, plan, cache_root
+        self.ray, self.plan, self.cache_root, self.address = executor.ray, plan, cache_root, executor.address
         self._serve = self.ray.remote(max_retries=TASK_RETRIES, retry_exceptions=False)(_serve_task)
         self._next = 0
 
@@ -170,12 +172,7 @@ class RayServing:
         ).remote(variant, stage_key, self.cache_root, device, runs, threads, allowed)
 
     def result(self, ref) -> dict[str, Any]:
-        try:
-            return self.ray.get(ref)
-        except self.ray.exceptions.RayTaskError as exc:
-            cause = getattr(exc, "cause", None)
-            raise PassError(str(cause) if isinstance(cause, RecipecError) else f"a serving task failed: "
-                            f"{one_line(cause or exc)}") from None
+        return task_result(self.ray, ref, "a serving task", self.address)
 
     def _pick_node(self) -> dict[str, Any]:
         """Nodes in turn, so that concurrent measurements land on different nodes."""

@@ -49,13 +49,6 @@ class StageRun:
     node: str | None = None  # where it ran: the hostname, or the Ray node id and hostname
 
 
-def run_stages(plan: Plan, cache: StageCache, device: str, force: bool) -> dict[str, StageRun]:
-    runs: dict[str, StageRun] = {}
-    for stage in plan.stages:
-        runs[stage.id] = run_stage(plan, stage, runs, cache, device, force)
-    return runs
-
-
 def run_stage(plan: Plan, stage: Stage, runs: dict[str, StageRun], cache: StageCache, device: str, force: bool) -> StageRun:
     label = f"{stage.id} ({stage.op}{', implicit' if stage.implicit else ''})"
     with cache.lock(stage.key, on_wait=lambda: console.tagged("  waiting", "yellow", f"{label}: another build is running it")):

@@ -9,9 +9,6 @@ from recipec.profile.formatting import SERVING_COLUMNS, delta, fmt, fmt_bytes, g
 from recipec.profile.markdown_search import projections_md, search_md, table
 
 
-_table = table
-
-
 PERCENT = {"mbu", "mfu", "mbu_step", "mfu_prefill", "mfu_decode"}
 CACHE_MARK = "†"
 
@@ -45,7 +42,7 @@ def _serving_md(report: dict[str, Any]) -> list[str]:
                   f"{first['num_requests']} requests, prompt {_len(first.get('prompt_tokens'))} tokens, "
                   f"output {_len(first.get('output_tokens'))} tokens, max batch {first['max_batch_size']}"
                   + _load_note(runs.values()), "",
-                  _table(["variant"] + [c for c, _ in SERVING_COLUMNS], rows), ""]
+                  table(["variant"] + [c for c, _ in SERVING_COLUMNS], rows), ""]
         if any(run.get("cache_resident") for run in runs.values()):
             llc = (report.get("hardware") or {}).get("last_level_cache_bytes")
             parts += [f"{CACHE_MARK} cache-resident: the decode step reads no more bytes than the "
@@ -77,7 +74,7 @@ def _variants_md(report: dict[str, Any]) -> list[str]:
     src = next((v["quality"].get("source_perplexity") for v in report["variants"].values()
                 if (v.get("quality") or {}).get("source_perplexity") is not None), None)
     note = [f"Source model perplexity on the eval tokens: {fmt(src)}.", ""] if src is not None else []
-    return ["## Variants", "", _table(header, rows), "", *note]
+    return ["## Variants", "", table(header, rows), "", *note]
 
 
 def _placement_md(report: dict[str, Any]) -> list[str]:
@@ -91,7 +88,7 @@ def _placement_md(report: dict[str, Any]) -> list[str]:
             "onnxruntime ran these variants' nodes on the CPU for want of a kernel on the requested device, so "
             "their MBU and MFU divide partly-CPU time by the device's peaks. Allowed by the recipe's "
             "`serving.allow_cpu_fallback`.", "",
-            _table(["variant", "device", "ops on the CPU", "nodes", "allowed"], rows), ""]
+            table(["variant", "device", "ops on the CPU", "nodes", "allowed"], rows), ""]
 
 
 def _gates_md(report: dict[str, Any]) -> list[str]:
@@ -101,7 +98,7 @@ def _gates_md(report: dict[str, Any]) -> list[str]:
              f"{'≤' if g.get('op') == 'max' else '≥'} {fmt(g['limit'])}", fmt(g["value"]), g.get("run") or "",
              g.get("reason") or ""] for g in report["gates"]]
     verdict = "all gates passed" if report["gates_passed"] else "**gates failed**"
-    return ["## Gates", "", verdict, "", _table(["", "metric", "variant", "limit", "value", "run", "reason"], rows), ""]
+    return ["## Gates", "", verdict, "", table(["", "metric", "variant", "limit", "value", "run", "reason"], rows), ""]
 
 
 def _build_md(report: dict[str, Any]) -> list[str]:
@@ -110,7 +107,7 @@ def _build_md(report: dict[str, Any]) -> list[str]:
         return []
     rows = [[s["id"], s.get("op", ""), f"{s['seconds']:.1f}", _mib(s.get("peak_rss_mb")),
              "cached" if s.get("cached") else ""] for s in build["stages"]]
-    return ["## Build stages", "", _table(["stage", "op", "seconds", "peak RSS", ""], rows), "",
+    return ["## Build stages", "", table(["stage", "op", "seconds", "peak RSS", ""], rows), "",
             f"Total {build['total_seconds']:.1f} s. Peak RSS: the build process's peak resident set while the stage "
             "ran; a cached stage shows the run that built it.", ""]
 
