@@ -33,6 +33,7 @@ from recipec.profile.memory import PeakMemory
 from recipec.profile.metrics import ModelCost, Peaks, latency_samples, summarize_run
 from recipec.profile.quality import evaluate_quality
 from recipec.runtime.records import RequestRecord, StepRecord
+from recipec.runtime.slots import step_model
 
 _DEFAULT_BATCHING = {"policy": "continuous", "max_batch_size": 8, "max_wait_ms": 5.0, "max_tokens_per_step": 4096}
 
@@ -43,6 +44,10 @@ def _as_list(v: Any) -> list:
 
 def _length(v: Any) -> int | list[int]:
     return [v["min"], v["max"]] if isinstance(v, dict) else int(v)
+
+
+def _longest(v: Any) -> int:
+    return int(v["max"]) if isinstance(v, dict) else int(v)
 
 
 def serving_plan(spec: dict[str, Any]) -> list[dict[str, Any]]:
@@ -111,6 +116,8 @@ def measure_runs(model, runs: Sequence[dict[str, Any]], vocab_size: int, device:
 
 def _one_run(model, run: dict[str, Any], vocab: int, clock, cache_ops):
     policy = Policy(run["batching"], run["max_batch_size"], run["max_wait_ms"], run["max_tokens_per_step"])
+    # slots for a shared-buffer graph, preallocated for the workload's longest sequence
+    model = step_model(model, policy.max_batch_size, _longest(run["prompt_tokens"]) + _longest(run["output_tokens"]))
     engine = Engine(model, policy, clock, cache_ops, eos_token_id=getattr(model, "eos_token_ids", None))
     w = _workload(run)
     if "concurrency" in run:
