@@ -120,7 +120,8 @@ class DecoderIO:
         past = [(n, int(i.shape[1]), int(i.shape[3])) for n, i in inputs.items() if n.startswith("past_key_values.")]
         logits = next(o for o in sess.get_outputs() if o.name == "logits")
         first = inputs[past[0][0]] if past else None
-        dtype = np.float16 if first is not None and "float16" in first.type else np.float32
+        cache_types = {"tensor(float16)": np.float16, "tensor(int8)": np.int8}  # int8: quantize_kv's cache
+        dtype = cache_types.get(first.type, np.float32) if first is not None else np.float32
         return cls(past, "position_ids" in inputs, int(logits.shape[-1]), np.dtype(dtype))
 
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> dict[str, np.ndarray]:

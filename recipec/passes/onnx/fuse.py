@@ -26,7 +26,7 @@ from recipec.onnx import artifact
 from recipec.onnx.fusions import pipeline
 from recipec.onnx import sessions
 from recipec.onnx.fusions._utils import contrib_ops, op_counts
-from recipec.passes.base import CheckContext, Pass, PassError, StageContext
+from recipec.passes.base import CheckContext, Pass, PassError, StageContext, kv_cache_last
 
 ORT_LEVELS = {
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -187,14 +187,15 @@ def apply(ctx: StageContext) -> dict[str, Any]:
 
 
 def check(params: dict[str, Any], ctx: CheckContext) -> list[tuple[tuple, str]]:
+    problems = kv_cache_last(ctx, "fuse")
     if params["kv_buffer"] != "shared":
-        return []
+        return problems
     if params["attention"] in ("mha", "none"):
-        return [(("kv_buffer",), f"kv_buffer: shared needs GroupQueryAttention; attention is {params['attention']} "
+        return problems + [(("kv_buffer",), f"kv_buffer: shared needs GroupQueryAttention; attention is {params['attention']} "
                                  "(use auto or gqa)")]
     if params["level"] == "basic":
-        return [(("kv_buffer",), "kv_buffer: shared needs attention fusion, which level basic skips")]
-    return []
+        return problems + [(("kv_buffer",), "kv_buffer: shared needs attention fusion, which level basic skips")]
+    return problems
 
 
 def _metrics(params, before: dict[str, int], after: dict[str, int], contrib: set[str], applied: dict[str, int],
