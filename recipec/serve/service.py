@@ -14,6 +14,7 @@ from typing import Any
 from recipec.core.builddir import VARIANTS, command_manifest
 from recipec.runtime import lm as runtime
 from recipec.runtime.engine import Policy, Request, policy_from_serving
+from recipec.runtime.slots import step_model
 from recipec.serve.limits import DEFAULT_MAX_QUEUE
 from recipec.serve.metrics import Metrics
 from recipec.serve.protocol import ApiError, Completion, ModelSpec
@@ -173,8 +174,7 @@ class Service:
         _post(handle, ("end", handle.reason))
 
     def engine_alive(self) -> bool:
-        thread = self.engine._thread
-        return thread is not None and thread.is_alive()
+        return self.engine.alive
 
     async def not_ready(self, timeout: float = 5.0) -> str | None:
         """Why the server cannot serve a request now, or None when the engine has just shown it runs steps:
@@ -249,5 +249,7 @@ def build_service(build_dir: Path, variant: str, policy: Policy | None = None, d
     identity = model.artifact["model"]
     spec = ModelSpec(f"{manifest['recipe']['name']}/{variant}", int(identity["vocab_size"]),
                      identity.get("max_position_embeddings"), load_tokenizer(variant_dir))
-    return Service(model, spec, policy or policy_from_serving(serving), max_queue, max_queue_per_client,
+    policy = policy or policy_from_serving(serving)
+    # a shared-buffer variant decodes in slots, one per batch row, the buffer growing with the longest request
+    return Service(step_model(model, policy.max_batch_size), spec, policy, max_queue, max_queue_per_client,
                    request_timeout)
