@@ -14,6 +14,9 @@ Sections:
   parameter count, MoE active parameters and the embedding tables (see `weight_stats`).
 - compute_dtype: per device, the dtype most of the matmul weights are multiplied in (see `compute_dtypes`).
 - verification: the export's check against PyTorch (null on variants nobody compared).
+- requires: the oldest onnxruntime that runs the graph(s), the operators outside the ONNX standard with their
+  domains, input counts and attributes, the IR version and opsets, and what an older operator form cannot do
+  (see recipec.onnx.requires, which holds the facts); checked against this environment's onnxruntime.
 - phases (phase-split variants only, docs/phase-split.md): the graph each phase runs, {"decode": {"file":
   "model.onnx"}, "prefill": {"file": "prefill.onnx", external_data, weights, compute_dtype}}; every other
   section describes model.onnx, the decode graph, whose KV layout and logits the prefill graph shares.
@@ -35,6 +38,7 @@ from onnx import TensorProto
 
 from recipec.core.files import TOKENIZER_FILES
 from recipec.errors import PassError
+from recipec.onnx import requires
 
 FORMAT = 1
 MODEL_FILE = "model.onnx"
@@ -121,9 +125,13 @@ def write_artifact_json(variant_dir: Path | str, model_dir_or_config: Any = None
         "compute_dtype": compute_dtypes(proto),
         "verification": verification,
     }
+    graphs = [proto]
     if phases:
         artifact["phases"] = {"decode": {"file": phases["decode"]},
                               "prefill": _phase_graph(variant_dir, phases["prefill"], model)}
+        graphs.append(_load_graph(variant_dir / phases["prefill"]))
+    artifact["requires"] = requires.derive(graphs)
+    requires.check_installed(artifact["requires"])
     (variant_dir / ARTIFACT_FILE).unlink(missing_ok=True)
     artifact["files"] = _files(variant_dir)
     (variant_dir / ARTIFACT_FILE).write_text(json.dumps(artifact, indent=2, sort_keys=True) + "\n")
