@@ -164,16 +164,21 @@ def seeded_cases(io: DecoderIO, seed: int, batch: int = 2, prompt: int = 8, pad:
     return prefill, rng.integers(0, io.vocab, (batch, 1)), rng.integers(0, io.vocab, (batch, 3))
 
 
-def max_logit_diffs(reference: ort.InferenceSession, candidate: ort.InferenceSession, seed: int) -> dict[str, float]:
+def max_logit_diffs(reference: ort.InferenceSession, candidate: ort.InferenceSession, seed: int,
+                    batched_chunk: bool = True) -> dict[str, float]:
     """max |Δlogits| and |Δpresent| over real (unpadded) positions: a left-padded prefill, the same prefill
-    with logits_to_keep=1, a decode step, then a 3-token step with a past (speculative / chunked prefill)."""
+    with logits_to_keep=1, a decode step, then a 3-token step with a past (speculative / chunked prefill), of
+    the whole batch or, for a graph that runs such steps at batch 1 only (`batched_chunk` False), of its
+    left-padded row alone."""
     io = DecoderIO.of(reference)
     prefill, decode_ids, chunk_ids = seeded_cases(io, seed)
     diffs, ref = _compare_step(reference, candidate, prefill, "prefill")
     diffs.update(_last_logits(reference, candidate, prefill))
     decode = io.step(prefill, [ref[_present(n)] for n, _, _ in io.past], decode_ids)
     more, ref = _compare_step(reference, candidate, decode, "decode")
-    chunk = io.step(decode, [ref[_present(n)] for n, _, _ in io.past], chunk_ids)
+    rows = slice(None) if batched_chunk else slice(-1, None)
+    chunk = io.step({k: v[rows] for k, v in decode.items()}, [ref[_present(n)][rows] for n, _, _ in io.past],
+                    chunk_ids[rows])
     return {**diffs, **more, **_compare_step(reference, candidate, chunk, "chunk")[0]}
 
 

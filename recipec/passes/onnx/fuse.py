@@ -23,8 +23,8 @@ import onnxruntime as ort
 from recipec.core.memory import release
 from recipec.core.params import prop
 from recipec.onnx import artifact
-from recipec.onnx.fusions import pipeline
-from recipec.onnx import sessions
+from recipec.onnx.fusions import compat, pipeline
+from recipec.onnx import requires, sessions
 from recipec.onnx.fusions._utils import contrib_ops, op_counts
 from recipec.passes.base import Pass, PassError, StageContext
 
@@ -69,6 +69,7 @@ PARAMS: dict[str, Any] = {
                           "holds float16 weights (reordered half-precision sums differ by more).",
                           exclusiveMinimum=0),
         "seed": prop("integer", 0, "Seed of the check inputs."),
+        "target_onnxruntime": compat.TARGET_PROPERTY,
     },
 }
 
@@ -120,7 +121,7 @@ def _save_optimized(staged: Path, external: bool, params: dict[str, Any], ctx: S
 def _check(params: dict[str, Any], source: Path, target: Path, tolerance: float) -> dict[str, float]:
     reference = sessions.session(source, params["provider"])
     candidate = sessions.session(target, params["provider"])
-    diffs = sessions.max_logit_diffs(reference, candidate, params["seed"])
+    diffs = sessions.max_logit_diffs(reference, candidate, params["seed"], compat.batched_chunks(target))
     worst = max(diffs, key=diffs.get)
     if diffs[worst] > tolerance:
         raise PassError(f"fuse: the fused graph differs from its input by {diffs[worst]:.3g} in {worst} "
@@ -142,7 +143,8 @@ def _external(source: Path, model: ir.Model) -> bool:
 
 
 def apply(ctx: StageContext) -> dict[str, Any]:
-    params = ctx.params
+    params = {**ctx.params, "attention": compat.attention_choice(ctx.params["attention"],
+                                                                  ctx.params["target_onnxruntime"], ctx.log)}
     source = ctx.input_dir / "model.onnx"
     if not source.exists():
         raise PassError(f"fuse: {source} does not exist; fuse consumes an exported ONNX variant")
@@ -160,13 +162,15 @@ def apply(ctx: StageContext) -> dict[str, Any]:
         del model  # onnxruntime's session is the one copy of the weights from here
         release()
         target = _save_optimized(Path(scratch) / "model.onnx", external, params, ctx)
+        compat.rewrite_saved(target, params["target_onnxruntime"], ctx.log)
     release()
     with ctx.progress("checking fused graph", total=None):
         diffs = _check(params, source, target, tolerance)
     fused_model = ir.load(str(target))
     after, contrib = op_counts(fused_model), contrib_ops(fused_model)
     artifact.copy_support_files(ctx.input_dir, ctx.output_dir)
-    artifact.write_artifact_json(ctx.output_dir, base=base)
+    written = artifact.write_artifact_json(ctx.output_dir, base=base)
+    requires.check_target(written["requires"], params["target_onnxruntime"], "fuse")
     return _metrics(params, before, after, contrib, applied, diffs, tolerance)
 
 
@@ -175,6 +179,7 @@ def _metrics(params, before: dict[str, int], after: dict[str, int], contrib: set
     fused_ops = {op: after[op] - before.get(op, 0) for op in sorted(contrib) if after[op] > before.get(op, 0)}
     return {
         "level": params["level"], "provider": params["provider"], "attention": params["attention"],
+        "target_onnxruntime": params["target_onnxruntime"],
         "nodes_before": sum(before.values()), "nodes_after": sum(after.values()),
         "ops_before": before, "ops_after": after,
         "fused_ops": fused_ops, "rewrites": applied,
@@ -190,4 +195,5 @@ PASS = Pass(
     apply=apply,
     summary="Fuse attention (GQA/MHA + rotary), norms, GELU and projections into onnxruntime's fused "
             "operators; save onnxruntime's optimized graph; check logits against the input graph.",
+    check=lambda params, ctx: compat.fuse_problems(params),
 )
