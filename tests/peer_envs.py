@@ -60,8 +60,13 @@ def _works(python: Path, probe: str) -> bool:
 
 def run_probe(python: Path, *args: str, timeout: float = 300) -> dict:
     """tests/ort_probe.py in that environment with this checkout's recipec; returns its JSON answer."""
+    return run_python(python, [str(ROOT / "tests" / "ort_probe.py"), *args], timeout)
+
+
+def run_python(python: Path, arguments: list[str], timeout: float = 300) -> dict:
+    """python ARGUMENTS (a script or -c CODE) there, which prints JSON as its last line; returns it."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONNOUSERSITE": "1"}
-    done = subprocess.run([str(python), str(ROOT / "tests" / "ort_probe.py"), *args], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=ROOT)
+    done = subprocess.run([str(python), *arguments], capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from recipec.core.files import TOKENIZER_FILES
+from recipec.core.files import MODEL_INPUT_NAMES, TOKENIZER_FILES
 from recipec.errors import PassError
 from recipec.onnx import requires
 
@@ -70,13 +70,26 @@ _NOT_WEIGHTS = {TensorProto.INT64, TensorProto.INT32, TensorProto.BOOL, TensorPr
 
 
 def copy_support_files(src_dir: Path, dst_dir: Path) -> list[str]:
-    """Copy the config, generation config and tokenizer files that `src_dir` has; returns their names."""
+    """Copy the config, generation config and tokenizer files that `src_dir` has; returns their names. The
+    tokenizer config names the inputs the graph takes (`model_input_names`), whatever the source said."""
     copied = []
     for name in SUPPORT_FILES:
         if (Path(src_dir) / name).is_file():
             shutil.copyfile(Path(src_dir) / name, Path(dst_dir) / name)
             copied.append(name)
+    if "tokenizer_config.json" in copied:
+        _declare_model_inputs(Path(dst_dir) / "tokenizer_config.json")
     return copied
+
+
+def _declare_model_inputs(path: Path) -> None:
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise PassError(f"{path} is not valid JSON ({exc}); fix the model's tokenizer_config.json") from None
+    if config.get("model_input_names") != list(MODEL_INPUT_NAMES):
+        config["model_input_names"] = list(MODEL_INPUT_NAMES)
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def read_artifact(variant_dir: Path | str) -> dict[str, Any]:
