@@ -100,6 +100,14 @@ def test_a_default_valued_newer_attribute_is_dropped_and_any_other_value_refused
         compat._downgrade(gqa(0), "1.22")
 
 
+def test_without_a_target_the_passes_write_for_this_environments_onnxruntime(monkeypatch):
+    assert compat.effective_target("1.20") == "1.20"
+    monkeypatch.setattr(requires, "installed", lambda: "1.22")  # pyproject allows onnxruntime >= 1.22
+    assert compat.effective_target(None) == "1.22"
+    monkeypatch.setattr(requires, "installed", lambda: requires.KNOWN[-1])
+    assert compat.effective_target(None) is None  # the newest signatures recipec knows
+
+
 def test_target_onnxruntime_is_validated_by_name(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(RECIPE_HEAD + """passes:

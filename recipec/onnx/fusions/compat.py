@@ -27,7 +27,7 @@ from recipec.onnx.requires import MS
 TARGET_PROPERTY = prop(
     ["string", "null"], None,
     "Oldest onnxruntime the output must run on, as a quoted minor version: \"1.20\" (unquoted, YAML reads the "
-    "number 1.2); null = the onnxruntime of the build. "
+    "number 1.2); null = the onnxruntime of the build (the newest signatures recipec knows, if it is newer). "
     "The pass then writes only operators, inputs and attributes that release accepts (docs/onnx-passes.md), and "
     "fails if its graph still needs a newer one. artifact.json's requires says what the graph needs either way.",
     enum=[*requires.KNOWN, None])
@@ -38,6 +38,15 @@ MHA_INPUTS = 8  # ... up to past_value (7); attention_bias is 5
 # is what GroupQueryAttention assumes without it; the difference (batch > 1 multi-token steps with a past) is
 # an error there, not a wrong value, and artifact.json lists it under requires.limits.
 DROPPABLE = {(MS, "GroupQueryAttention"): {16: "query_seqlens"}}
+
+
+def effective_target(target: str | None) -> str | None:
+    """The release a pass writes for: the one asked for; else this environment's onnxruntime when it is older
+    than the newest recipec knows (its own session would refuse the newer signatures); else no constraint."""
+    if target is not None:
+        return target
+    here = requires.installed()
+    return here if here in requires.KNOWN[:-1] else None
 
 
 def attention_choice(choice: str, target: str | None, log: Callable[[str], None] = lambda message: None) -> str:

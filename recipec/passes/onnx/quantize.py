@@ -198,7 +198,8 @@ def _evaluate(params: dict[str, Any], target: Path, reference: fidelity.Referenc
 
 
 def apply(ctx: StageContext) -> dict[str, Any]:
-    params, source = ctx.params, ctx.input_dir / artifact.MODEL_FILE
+    params = {**ctx.params, "target_onnxruntime": compat.effective_target(ctx.params["target_onnxruntime"])}
+    source = ctx.input_dir / artifact.MODEL_FILE
     if not source.exists():
         raise PassError(f"quantize: {source} does not exist; quantize consumes an exported ONNX variant")
     scheme, opts = params["scheme"], compat.quantize_options(params, _options(params), ctx.log)
