@@ -60,11 +60,11 @@ def attention_choice(choice: str, target: str | None, log: Callable[[str], None]
     if choice != "auto" or (gqa and mha):
         return choice
     narrowed = "mha" if mha else "none"
-    log(f"fuse: target_onnxruntime {target}: attention {narrowed} ("
-        + ("GroupQueryAttention as recipec writes it needs onnxruntime "
-           f"{requires.release_for(MS, 'GroupQueryAttention', GQA_INPUTS)[0]}; models with fewer kv heads than "
-           "heads stay unfused)" if mha else
-           f"neither attention operator as recipec writes it runs there correctly; see requires.OPS)"))
+    gqa_release, _ = requires.release_for(MS, "GroupQueryAttention", GQA_INPUTS)
+    why = (f"GroupQueryAttention as recipec writes it needs onnxruntime {gqa_release}; attention with fewer kv "
+           "heads than heads stays unfused" if mha else "neither attention operator as recipec writes it runs "
+           "correctly there (recipec/onnx/requires.py)")
+    log(f"fuse: target_onnxruntime {target}: attention {narrowed} ({why})")
     return narrowed
 
 
