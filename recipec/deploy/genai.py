@@ -63,7 +63,8 @@ def genai_config(artifact: dict[str, Any], generation: dict[str, Any] | None = N
     config = {"model": {"type": model["model_type"], "vocab_size": model["vocab_size"],
                         "context_length": model["max_position_embeddings"], "decoder": decoder,
                         "eos_token_id": eos, "pad_token_id": pad if pad is not None else first_eos},
-              "search": _genai_search(model["max_position_embeddings"], generation or {})}
+              "search": _genai_search(model["max_position_embeddings"], generation or {},
+                                      kv.get("buffer") == "shared")}
     if model.get("bos_token_id") is not None:
         config["model"]["bos_token_id"] = model["bos_token_id"]
     return config
@@ -85,10 +86,10 @@ def _genai_outputs(kv: dict[str, Any]) -> dict[str, str]:
             "present_value_names": kv["outputs"]["value"].replace("{i}", "%d")}
 
 
-def _genai_search(context: int, generation: dict[str, Any]) -> dict[str, Any]:
-    # past_present_share_buffer false: our graph returns present = past + new tokens (a growing cache),
-    # not a fixed max-length buffer updated in place, which sharing the buffer would need.
-    return {"past_present_share_buffer": False, "max_length": context, "min_length": 0, "num_beams": 1,
+def _genai_search(context: int, generation: dict[str, Any], shared_buffer: bool) -> dict[str, Any]:
+    # Sharing needs a graph whose GroupQueryAttention takes right-padded lengths from the mask and writes a
+    # max_length buffer in place (fuse kv_buffer: shared); a growing graph returns present = past + new.
+    return {"past_present_share_buffer": shared_buffer, "max_length": context, "min_length": 0, "num_beams": 1,
             "num_return_sequences": 1, "early_stopping": True, "no_repeat_ngram_size": 0, "diversity_penalty": 0.0,
             "length_penalty": 1.0, "do_sample": bool(generation.get("do_sample", False)),
             "temperature": float(generation.get("temperature") or 1.0), "top_k": int(generation.get("top_k") or 50),

@@ -132,7 +132,7 @@ def write_artifact_json(variant_dir: Path | str, model_dir_or_config: Any = None
         "model": model,
         "graph": {"file": MODEL_FILE, **_external_data(variant_dir, proto), **graph,
                   "tied_embedding": tied_embedding(proto)},
-        "kv_cache": kv_cache_layout(graph),
+        "kv_cache": kv_cache_layout(graph, proto),
         "logits": logits_mode(graph),
         "weights": weight_stats(proto, model),
         "compute_dtype": compute_dtypes(proto),
@@ -231,8 +231,9 @@ def dtype_name(elem_type: int) -> str:
     return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).name
 
 
-def kv_cache_layout(graph: dict[str, Any]) -> dict[str, Any] | None:
-    """Layer count, kv heads and head_dim read from the past_key_values inputs; None without a KV cache."""
+def kv_cache_layout(graph: dict[str, Any], proto: onnx.ModelProto | None = None) -> dict[str, Any] | None:
+    """Layer count, kv heads and head_dim read from the past_key_values inputs, and (given the graph) whether
+    past and present may share one buffer; None without a KV cache."""
     inputs = {v["name"]: v for v in graph["inputs"]}
     layers = 0
     while PAST_KEY.format(i=layers) in inputs and PAST_VALUE.format(i=layers) in inputs:
@@ -243,7 +244,27 @@ def kv_cache_layout(graph: dict[str, Any]) -> dict[str, Any] | None:
     shape = first["shape"]
     return {"num_layers": layers, "num_kv_heads": shape[1], "head_dim": shape[3], "dtype": first["dtype"],
             "layout": ["batch_size", "num_kv_heads", "sequence", "head_dim"],
+            "buffer": kv_buffer(proto) if proto is not None else "growing",
             "inputs": {"key": PAST_KEY, "value": PAST_VALUE}, "outputs": {"key": PRESENT_KEY, "value": PRESENT_VALUE}}
+
+
+# GroupQueryAttention inputs that carry padding or per-row query lengths outside the attention mask: with
+# either, the kernel cannot take genai's right-padded rows in a shared buffer.
+_GQA_ATTENTION_BIAS, _GQA_QUERY_SEQLENS = 10, 16
+
+
+def kv_buffer(proto: onnx.ModelProto) -> str:
+    """"shared" when every attention is a GroupQueryAttention that takes its lengths from the mask alone (fuse's
+    kv_buffer: shared): its present may then alias a preallocated past. Otherwise "growing"."""
+    gqa = [n for n in proto.graph.node if n.op_type == "GroupQueryAttention"]
+    layers = sum(1 for v in proto.graph.input if v.name.startswith("past_key_values.") and v.name.endswith(".key"))
+    if not gqa or len(gqa) != layers:
+        return "growing"
+    def extra(node, index):
+        return len(node.input) > index and node.input[index] != ""
+    if any(extra(n, _GQA_ATTENTION_BIAS) or extra(n, _GQA_QUERY_SEQLENS) for n in gqa):
+        return "growing"
+    return "shared"
 
 
 def kv_names(patterns: dict[str, str], layers: int) -> list[str]:

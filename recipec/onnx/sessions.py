@@ -120,7 +120,8 @@ class DecoderIO:
         past = [(n, int(i.shape[1]), int(i.shape[3])) for n, i in inputs.items() if n.startswith("past_key_values.")]
         logits = next(o for o in sess.get_outputs() if o.name == "logits")
         first = inputs[past[0][0]] if past else None
-        dtype = np.float16 if first is not None and "float16" in first.type else np.float32
+        cache_types = {"tensor(float16)": np.float16, "tensor(int8)": np.int8}  # int8: quantize_kv's cache
+        dtype = cache_types.get(first.type, np.float32) if first is not None else np.float32
         return cls(past, "position_ids" in inputs, int(logits.shape[-1]), np.dtype(dtype))
 
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -165,20 +166,20 @@ def seeded_cases(io: DecoderIO, seed: int, batch: int = 2, prompt: int = 8, pad:
 
 
 def max_logit_diffs(reference: ort.InferenceSession, candidate: ort.InferenceSession, seed: int,
-                    batched_chunk: bool = True) -> dict[str, float]:
+                    pad: int = 3, batched_chunk: bool = True) -> dict[str, float]:
     """max |Δlogits| and |Δpresent| over real (unpadded) positions: a left-padded prefill, the same prefill
     with logits_to_keep=1, a decode step, then a 3-token step with a past (speculative / chunked prefill), of
-    the whole batch or, for a graph that runs such steps at batch 1 only (`batched_chunk` False), of its
-    left-padded row alone."""
+    the whole batch or, for a graph that runs such steps at batch 1 only (a shared-buffer graph, checked
+    unpadded: `pad` 0; GroupQueryAttention without query_seqlens: `batched_chunk` False), of its last row."""
     io = DecoderIO.of(reference)
-    prefill, decode_ids, chunk_ids = seeded_cases(io, seed)
+    prefill, decode_ids, chunk_ids = seeded_cases(io, seed, pad=pad)
     diffs, ref = _compare_step(reference, candidate, prefill, "prefill")
     diffs.update(_last_logits(reference, candidate, prefill))
     decode = io.step(prefill, [ref[_present(n)] for n, _, _ in io.past], decode_ids)
     more, ref = _compare_step(reference, candidate, decode, "decode")
-    rows = slice(None) if batched_chunk else slice(-1, None)
-    chunk = io.step({k: v[rows] for k, v in decode.items()}, [ref[_present(n)][rows] for n, _, _ in io.past],
-                    chunk_ids[rows])
+    chunk = io.step(decode, [ref[_present(n)] for n, _, _ in io.past], chunk_ids)
+    if not (pad and batched_chunk):  # a graph that takes several new tokens after a past at batch 1 only
+        chunk = {name: value[-1:] for name, value in chunk.items()}
     return {**diffs, **more, **_compare_step(reference, candidate, chunk, "chunk")[0]}
 
 

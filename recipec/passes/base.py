@@ -65,3 +65,10 @@ class Pass:
     summary: str
     uses_data: tuple[str, ...] = field(default=())  # data sections ("calibration", "eval") that enter the cache key
     check: Check | None = None  # semantic checks of the parameters the schema cannot express, run by `validate`
+
+
+def kv_cache_last(ctx: CheckContext, op: str) -> list[tuple[tuple, str]]:
+    """quantize_kv makes the cache int8, which the graph passes' float-cache checks cannot feed: it goes last."""
+    if "quantize_kv" in ctx.upstream.values():
+        return [((), f"{op} runs after a quantize_kv stage; run quantize_kv last (quantize the weights first)")]
+    return []

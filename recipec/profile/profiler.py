@@ -33,6 +33,7 @@ from recipec.profile.memory import PeakMemory
 from recipec.profile.metrics import ModelCost, Peaks, latency_samples, summarize_run
 from recipec.profile.quality import evaluate_quality
 from recipec.runtime.records import RequestRecord, StepRecord
+from recipec.runtime.slots import step_model
 
 _DEFAULT_BATCHING = {"policy": "continuous", "max_batch_size": 8, "max_wait_ms": 5.0, "max_tokens_per_step": 4096}
 
@@ -43,6 +44,10 @@ def _as_list(v: Any) -> list:
 
 def _length(v: Any) -> int | list[int]:
     return [v["min"], v["max"]] if isinstance(v, dict) else int(v)
+
+
+def _longest(v: Any) -> int:
+    return int(v["max"]) if isinstance(v, dict) else int(v)
 
 
 def serving_plan(spec: dict[str, Any]) -> list[dict[str, Any]]:
@@ -111,6 +116,8 @@ def measure_runs(model, runs: Sequence[dict[str, Any]], vocab_size: int, device:
 
 def _one_run(model, run: dict[str, Any], vocab: int, clock, cache_ops):
     policy = Policy(run["batching"], run["max_batch_size"], run["max_wait_ms"], run["max_tokens_per_step"])
+    # slots for a shared-buffer graph, preallocated for the workload's longest sequence
+    model = step_model(model, policy.max_batch_size, _longest(run["prompt_tokens"]) + _longest(run["output_tokens"]))
     engine = Engine(model, policy, clock, cache_ops, eos_token_id=getattr(model, "eos_token_ids", None))
     w = _workload(run)
     if "concurrency" in run:
@@ -230,10 +237,25 @@ def measure_quality(variant_dir: Path, serving_spec: dict[str, Any], device: str
     log("evaluating quality")
     model = load_model(variant_dir, device, int(serving_spec.get("threads", 0)))
     quality = evaluate_quality(model, eval_tokens, source_logits, source_greedy)
+    speculative = _speculative(model, variant_dir, serving_spec, eval_tokens, log)
     del model
     release()
-    return {"artifact": artifact_section(variant_dir, art, model_cost(art), device, hardware), "quality": quality,
-            "serving": [], "load_seconds": None}
+    entry = {"artifact": artifact_section(variant_dir, art, model_cost(art), device, hardware), "quality": quality,
+             "serving": [], "load_seconds": None}
+    return {**entry, "speculative": speculative} if speculative else entry
+
+
+def _speculative(model, variant_dir: Path, serving_spec: dict[str, Any], eval_tokens,
+                 log: Callable[[str], None]) -> dict[str, Any] | None:
+    """serving.speculative measured on this variant (not on the draft itself), where there are eval windows."""
+    from recipec.profile.speculative import measure_speculative
+    from recipec.runtime.speculative import SpecConfig
+
+    spec = SpecConfig.from_serving(serving_spec)
+    if spec is None or eval_tokens is None or variant_dir.name == spec.draft:
+        return None
+    log(f"speculative decoding ({spec.method}, K={spec.tokens}) against plain decoding, batch 1")
+    return measure_speculative(model, variant_dir, spec, eval_tokens, serving_spec)
 
 
 def finish_serving(entry: dict[str, Any], raw: dict[str, Any], variant_dir: Path, serving_spec: dict[str, Any],

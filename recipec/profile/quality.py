@@ -14,6 +14,7 @@ import numpy as np
 from recipec.core.memory import release
 from recipec.onnx.logits import log_softmax
 from recipec.runtime.engine import Engine, Policy, RealClock
+from recipec.runtime.slots import step_model
 
 
 def logit_quality(tokens: np.ndarray, logits: Iterable[np.ndarray],
@@ -52,7 +53,7 @@ def greedy_agreement(ours: Sequence[Sequence[int]], theirs: Sequence[Sequence[in
 
 def greedy_generate(model, prompts: Sequence[Sequence[int]], n_new: int) -> list[list[int]]:
     """Through the same engine that is measured, so the tokens compared are the tokens served."""
-    engine = Engine(model, Policy("static", max_batch_size=len(prompts)), RealClock())
+    engine = Engine(step_model(model, len(prompts)), Policy("static", max_batch_size=len(prompts)), RealClock())
     reqs = [engine.submit(p, n_new) for p in prompts]
     while engine.step(flush=True):
         pass

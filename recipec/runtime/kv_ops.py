@@ -73,6 +73,12 @@ class KVOps:
         """Each tensor's first `length` columns."""
         return self._run(("truncate",), tensors, len(tensors), {"end": np.array([length], np.int64)})
 
+    def widen(self, tensors: Sequence[Any], columns: int) -> list[Any]:
+        """Each tensor with `columns` zero columns appended: a shared buffer outgrowing its capacity."""
+        pads = np.zeros(8, np.int64)
+        pads[4 + _AXIS_SEQ] = columns
+        return self._run(("widen",), tensors, len(tensors), {"pads": pads})
+
     def _run(self, variant: tuple[Any, ...], tensors: Sequence[Any], count: int,
              small: dict[str, np.ndarray]) -> list[Any]:
         if not tensors:
@@ -161,7 +167,13 @@ def _truncate_graph(elem: int, count: int) -> onnx.ModelProto:
     return _model("kv_truncate", nodes, inputs, _tensors("out", elem, count), [starts, axes])
 
 
-_GRAPHS = {"select": _select_graph, "merge": _merge_graph, "truncate": _truncate_graph}
+def _widen_graph(elem: int, count: int) -> onnx.ModelProto:
+    nodes = [helper.make_node("Pad", [f"kv{i}", "pads"], [f"out{i}"]) for i in range(count)]
+    inputs = [*_tensors("kv", elem, count), helper.make_tensor_value_info("pads", TensorProto.INT64, [8])]
+    return _model("kv_widen", nodes, inputs, _tensors("out", elem, count), [])
+
+
+_GRAPHS = {"select": _select_graph, "merge": _merge_graph, "truncate": _truncate_graph, "widen": _widen_graph}
 # Every graph a cache can need: the longer cache of a merge sets the length, so at most one side is padded.
 _VARIANTS = (("select", False), ("select", True), ("merge", False, False), ("merge", True, False),
              ("merge", False, True), ("truncate",))

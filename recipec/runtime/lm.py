@@ -42,7 +42,7 @@ from recipec.onnx.sessions import resolve_device, session
 from recipec.errors import PassError
 from recipec.runtime.kv_ops import KVOps
 
-_NUMPY_TYPES = {"float32": np.float32, "float16": np.float16}
+_NUMPY_TYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
 
 
 @dataclass
@@ -173,6 +173,10 @@ class OnnxLM:
         self.pad_token_id = pad if pad is not None else 0
 
     @property
+    def shared_buffer(self) -> bool:
+        return self.artifact["kv_cache"].get("buffer") == "shared"
+
+    @property
     def phase_split(self) -> bool:
         return self.prefill_session is not self.session
 
@@ -217,6 +221,9 @@ class OnnxLM:
             raise ValueError(f"phase must be prefill or decode, got {phase!r}")
         sess, info = self.prefill_session if phase == "prefill" else self.session, self._info[phase]
         mask = np.concatenate([cache.mask, new_mask.astype(np.int64)], axis=1)
+        if self.shared_buffer and not mask.all():
+            raise ValueError("this graph reads padding as right-padding (fuse kv_buffer: shared): batch prompts of "
+                             "different lengths through recipec.runtime.slots.SlotLM, not a left-padded cache")
         feeds = {"input_ids": input_ids, "attention_mask": mask}
         if info.position_ids:
             feeds["position_ids"] = np.maximum(mask.cumsum(axis=1) - 1, 0)[:, -input_ids.shape[1]:]

@@ -17,6 +17,12 @@ padding, min-float where masked) is passed as `attention_bias`, and GroupQueryAt
 seqlens_k = total - 1 and query_seqlens = S for every row, so left padding and multi-token steps with a
 past behave exactly as in the unfused graph (GQA alone would treat the cache as right-padded).
 
+With `shared_buffer` (fuse's kv_buffer: shared) GroupQueryAttention instead takes its lengths the way
+onnxruntime-genai's graphs do: seqlens_k = sum(attention_mask) - 1 per row and total = the mask's width, with
+no attention_bias. Rows are then right-padded, each row writes its new keys at its own length, and the past
+buffer may be longer than the sequence, so past and present can be one preallocated buffer written in place
+(recipec.runtime.slots). Without padding both forms compute the same thing.
+
 Rotary: GQA's built-in rotary derives positions from seqlens_k, which disagrees with transformers'
 position_ids under left padding, so rotary stays a separate RotaryEmbedding node fed with the graph's own
 per-token cos/sin: cos [B,1,S,Dh] is flattened to a [B*S, Dh/2] cache indexed by row number. That keeps any
@@ -60,9 +66,10 @@ def _repeat_kv(op, x, tag: str):
 class DecoderAttention(pattern.RewriteRuleClassBase):
     """One rule per (rotary?, repeat_kv?) variant; `kind` picks the replacement op."""
 
-    def __init__(self, *, rotary: bool, repeat: bool, kind: str):
+    def __init__(self, *, rotary: bool, repeat: bool, kind: str, shared_buffer: bool = False):
         super().__init__(f"DecoderAttention[rotary={rotary},repeat={repeat},{kind}]")
         self._rotary, self._repeat, self._kind = rotary, repeat, kind
+        self._shared = shared_buffer
         self.applied: list[str] = []
 
     def pattern(self, op, q_lin, k_lin, v_lin, past_key, past_value, mask, scale, cos, sin):
@@ -116,6 +123,10 @@ class DecoderAttention(pattern.RewriteRuleClassBase):
                 return result.fail("cos/sin are not cat(freqs, freqs) per token", [cos, sin])
         self._heads_info = (heads, kv_heads, head_size, 1.0 / factor if scale_is_divisor else factor)
         self._length_sources = _length_sources(context.graph_or_function.inputs, past_key)
+        if self._shared:
+            self._mask_input = _graph_input(context.graph_or_function.inputs, "attention_mask", rank=2)
+            if self._mask_input is None:
+                return result.fail("a shared KV buffer needs the attention_mask [B, T] graph input", mask)
         self._flat_output = out_bsd.shape.rank() == 2
         return result
 
@@ -132,6 +143,11 @@ class DecoderAttention(pattern.RewriteRuleClassBase):
             out, present_key, present_value = op.MultiHeadAttention(
                 q_lin, k_lin, v_lin, None, None, mask, past_key, past_value,
                 num_heads=heads, scale=scale, _domain=MS, _outputs=3)
+        elif self._shared:
+            seqlens_k, total = _shared_buffer_lengths(op, self._mask_input)
+            out, present_key, present_value = op.GroupQueryAttention(
+                q_lin, k_lin, v_lin, past_key, past_value, seqlens_k, total,
+                num_heads=heads, kv_num_heads=kv_heads, scale=scale, _domain=MS, _outputs=3)
         else:
             tokens, first_past_key = self._length_sources
             seqlens_k, total, query_lens = _gqa_lengths(op, q_lin if tokens is None else tokens,
@@ -159,6 +175,11 @@ def _head_dims(q_bshd: ir.Value, k_bshd: ir.Value, v_bshd: ir.Value) -> tuple[in
     if not all(isinstance(d, int) for d in ints) or size != k_size or size != v_size or kv_heads != v_heads:
         return None
     return heads, kv_heads, size
+
+
+def _graph_input(inputs: Sequence[ir.Value], name: str, rank: int) -> ir.Value | None:
+    value = next((v for v in inputs if v.name == name), None)
+    return value if value is not None and value.shape is not None and value.shape.rank() == rank else None
 
 
 def _length_sources(inputs: Sequence[ir.Value], past_key: ir.Value) -> tuple[ir.Value | None, ir.Value | None]:
@@ -207,14 +228,27 @@ def _gqa_lengths(op, q_lin, past_key):
     return seqlens_k, total_scalar, query_lens
 
 
-def attention_rules(kind: str) -> list[DecoderAttention]:
-    """kind: 'GroupQueryAttention' or 'MultiHeadAttention' (the latter only matches kv heads == heads)."""
-    return [DecoderAttention(rotary=r, repeat=p, kind=kind) for r in (True, False) for p in (True, False)]
+def _shared_buffer_lengths(op, attention_mask):
+    """onnxruntime-genai's convention for a shared past/present buffer: rows are right-padded, so row b holds
+    sum(mask[b]) tokens and writes its new ones at that offset; total is the mask's width. The past buffer
+    may be longer than total (preallocated), which is what lets present alias past."""
+    lengths = op.ReduceSum(attention_mask, op.Constant(value_ints=[1]), keepdims=0)
+    seqlens_k = op.Cast(op.Sub(lengths, op.Constant(value_int=1)), to=ir.DataType.INT32)
+    width = op.Shape(attention_mask, start=1, end=2)
+    total = op.Cast(op.Reshape(width, op.Constant(value=ir.tensor(np.zeros(0, np.int64)))), to=ir.DataType.INT32)
+    return seqlens_k, total
 
 
-def fuse_attention(model: ir.Model, kind: str) -> list[str]:
+def attention_rules(kind: str, shared_buffer: bool = False) -> list[DecoderAttention]:
+    """kind: 'GroupQueryAttention' or 'MultiHeadAttention' (the latter only matches kv heads == heads);
+    shared_buffer (GroupQueryAttention only): lengths from the attention mask, right-padded rows, no bias."""
+    return [DecoderAttention(rotary=r, repeat=p, kind=kind, shared_buffer=shared_buffer)
+            for r in (True, False) for p in (True, False)]
+
+
+def fuse_attention(model: ir.Model, kind: str, shared_buffer: bool = False) -> list[str]:
     """Apply the rules; returns one entry per fused layer (e.g. 'GroupQueryAttention+RotaryEmbedding')."""
-    instances = attention_rules(kind)
+    instances = attention_rules(kind, shared_buffer)
     rules = pattern.RewriteRuleSet([_rule_of(i) for i in instances])
     rules.apply_to_model(model)
     return [name for inst in instances for name in inst.applied]

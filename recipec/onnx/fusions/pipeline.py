@@ -157,12 +157,15 @@ def prepare(model: ir.Model, report: FusionReport) -> ir.Model:
     return model
 
 
-def fuse_attention(model: ir.Model, choice: str, report: FusionReport, log: Callable[[str], None]) -> None:
+def fuse_attention(model: ir.Model, choice: str, report: FusionReport, log: Callable[[str], None],
+                   shared_buffer: bool = False) -> None:
     if choice == "none":
         return
     kinds = [ATTENTION_OPS[choice]] if choice in ATTENTION_OPS else ["MultiHeadAttention", "GroupQueryAttention"]
+    if shared_buffer:  # only GroupQueryAttention can write a preallocated buffer in place
+        kinds = ["GroupQueryAttention"]
     for kind in kinds:  # auto: MHA where kv heads == heads, GQA for the rest
-        for name in attention.fuse_attention(model, kind):
+        for name in attention.fuse_attention(model, kind, shared_buffer):
             for op in name.split("+"):
                 report.add(op, 2 if op == "RotaryEmbedding" else 1)
     clean(model)

@@ -26,7 +26,7 @@ from recipec.onnx import artifact
 from recipec.onnx.fusions import compat, pipeline
 from recipec.onnx import requires, sessions
 from recipec.onnx.fusions._utils import contrib_ops, op_counts
-from recipec.passes.base import Pass, PassError, StageContext
+from recipec.passes.base import CheckContext, Pass, PassError, StageContext, kv_cache_last
 
 ORT_LEVELS = {
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -60,6 +60,15 @@ PARAMS: dict[str, Any] = {
                            "GroupQueryAttention otherwise; mha matches only kv heads == heads; none keeps "
                            "attention unfused.",
         },
+        "kv_buffer": {
+            "enum": ["growing", "shared"], "default": "growing",
+            "description": "growing: each step returns a present one token longer than the past (Optimum's "
+                           "contract; left-padded batches). shared: GroupQueryAttention with onnxruntime-genai's "
+                           "lengths from the attention mask (right-padded rows), so past and present can be one "
+                           "preallocated buffer written in place (genai_config past_present_share_buffer; "
+                           "recipec's runtime then batches by slot with no cache copy). Needs attention auto "
+                           "or gqa.",
+        },
         "merge_projections": prop("boolean", True, "Merge MatMuls that share their input (q/k/v, gate/up) into "
                                                    "one MatMul + Split."),
         "tolerance": prop(["number", "null"], None,
@@ -80,7 +89,8 @@ def _graph_fusions(model: ir.Model, params: dict[str, Any], ctx: StageContext,
     overridable = pipeline.detach_overridable(model)
     model = pipeline.prepare(model, report)
     if params["level"] != "basic":
-        pipeline.fuse_attention(model, params["attention"], report, ctx.log)
+        pipeline.fuse_attention(model, params["attention"], report, ctx.log,
+                                shared_buffer=params["kv_buffer"] == "shared")
         pipeline.unflatten_gemms(model, report)
         if params["merge_projections"]:
             pipeline.merge_projections(model, report)
@@ -121,7 +131,11 @@ def _save_optimized(staged: Path, external: bool, params: dict[str, Any], ctx: S
 def _check(params: dict[str, Any], source: Path, target: Path, tolerance: float) -> dict[str, float]:
     reference = sessions.session(source, params["provider"])
     candidate = sessions.session(target, params["provider"])
-    diffs = sessions.max_logit_diffs(reference, candidate, params["seed"], compat.batched_chunks(target))
+    # A shared-buffer graph reads padding as right-padding (genai's convention), so its check runs unpadded;
+    # the runtime's slots, which pad on the right, are checked against transformers in tests/test_slots.py.
+    left_pad = 0 if params["kv_buffer"] == "shared" else 3
+    diffs = sessions.max_logit_diffs(reference, candidate, params["seed"], pad=left_pad,
+                                     batched_chunk=compat.batched_chunks(target))
     worst = max(diffs, key=diffs.get)
     if diffs[worst] > tolerance:
         raise PassError(f"fuse: the fused graph differs from its input by {diffs[worst]:.3g} in {worst} "
@@ -169,10 +183,25 @@ def apply(ctx: StageContext) -> dict[str, Any]:
         diffs = _check(params, source, target, tolerance)
     fused_model = ir.load(str(target))
     after, contrib = op_counts(fused_model), contrib_ops(fused_model)
+    if params["kv_buffer"] == "shared" and "GroupQueryAttention" not in after:
+        raise PassError("fuse: kv_buffer: shared needs GroupQueryAttention, and no attention block matched; "
+                        "use kv_buffer: growing for this model")
     artifact.copy_support_files(ctx.input_dir, ctx.output_dir)
     written = artifact.write_artifact_json(ctx.output_dir, base=base)
     requires.check_target(written["requires"], params["target_onnxruntime"], "fuse")
     return _metrics(params, before, after, contrib, applied, diffs, tolerance)
+
+
+def check(params: dict[str, Any], ctx: CheckContext) -> list[tuple[tuple, str]]:
+    problems = kv_cache_last(ctx, "fuse") + compat.fuse_problems(params)
+    if params["kv_buffer"] != "shared":
+        return problems
+    if params["attention"] in ("mha", "none"):
+        return problems + [(("kv_buffer",), f"kv_buffer: shared needs GroupQueryAttention; attention is {params['attention']} "
+                                 "(use auto or gqa)")]
+    if params["level"] == "basic":
+        return problems + [(("kv_buffer",), "kv_buffer: shared needs attention fusion, which level basic skips")]
+    return problems
 
 
 def _metrics(params, before: dict[str, int], after: dict[str, int], contrib: set[str], applied: dict[str, int],
@@ -181,6 +210,7 @@ def _metrics(params, before: dict[str, int], after: dict[str, int], contrib: set
     return {
         "level": params["level"], "provider": params["provider"], "attention": params["attention"],
         "target_onnxruntime": params["target_onnxruntime"],
+        "kv_buffer": params["kv_buffer"],
         "nodes_before": sum(before.values()), "nodes_after": sum(after.values()),
         "ops_before": before, "ops_after": after,
         "fused_ops": fused_ops, "rewrites": applied,
@@ -194,7 +224,7 @@ PASS = Pass(
     produces="onnx",
     params=PARAMS,
     apply=apply,
+    check=check,
     summary="Fuse attention (GQA/MHA + rotary), norms, GELU and projections into onnxruntime's fused "
             "operators; save onnxruntime's optimized graph; check logits against the input graph.",
-    check=lambda params, ctx: compat.fuse_problems(params),
 )

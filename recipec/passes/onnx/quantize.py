@@ -28,7 +28,7 @@ import onnx_ir as ir
 from recipec.core.params import NO_DEFAULT, prop
 from recipec.onnx import artifact, inspect, requires, sessions
 from recipec.onnx.fusions import compat
-from recipec.passes.base import CheckContext, Pass, PassError, StageContext
+from recipec.passes.base import CheckContext, Pass, PassError, StageContext, kv_cache_last
 from recipec.passes.onnx import quantize_embeddings as embeddings
 from recipec.passes.onnx import quantize_fidelity as fidelity
 from recipec.passes.onnx.quantize_schemes import RECORDS, SCHEME_FUNCTIONS, quiet_quantizers
@@ -110,7 +110,7 @@ def option_problems(params: dict[str, Any]) -> list[tuple[tuple, str]]:
 
 
 def check(params: dict[str, Any], ctx: CheckContext) -> list[tuple[tuple, str]]:
-    return option_problems(params) + compat.quantize_problems(params)
+    return option_problems(params) + compat.quantize_problems(params) + kv_cache_last(ctx, "quantize")
 
 
 def _options(params: dict[str, Any]) -> dict[str, Any]:

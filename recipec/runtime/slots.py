@@ -1,0 +1,211 @@
+"""Slot batching over a shared past/present KV buffer: a decode loop in which nothing grows per step.
+
+A graph fused with `kv_buffer: shared` (artifact.json kv_cache.buffer "shared") takes right-padded rows whose
+lengths come from the attention mask, and its GroupQueryAttention writes each row's new keys at that row's own
+length. So one buffer per layer tensor, [slots, kv_heads, capacity, head_dim] on the session's device, can be
+bound as both past and present and is written in place:
+
+- prefill binds one slot's row (a pointer into the buffer) at batch 1, so the prompt's keys land in its slot;
+- a decode step binds the rows from the lowest to the highest slot in use as one batch; a row in that span
+  that is not in the batch (free, or another batch's) is fed a padding token at its own length + 1, which
+  writes only past its valid data, and its length does not move;
+- joining and leaving a batch (`SlotBatch.select` / `merge`, what the engine calls) move slot numbers, never
+  the cache.
+
+A slot is in use while a live SlotBatch names it (a batch the engine drops frees its slots with it). The
+buffer starts at `capacity` columns and doubles, on the device, when a row would outgrow it: a copy per
+doubling, not per step. The host builds, per step, the token ids, position ids and the attention mask
+[span, width]: the mask is the one array that grows with the context (int64 ones, as onnxruntime-genai feeds
+it too). What is reused across steps: the buffers, and one IOBinding per session whose cache bindings change
+only when the span or the capacity does.
+"""
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from recipec.onnx import artifact as art
+
+_ELEMENT_TYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
+DEFAULT_CAPACITY = 256
+
+
+@dataclass(eq=False)
+class SlotBatch:
+    """The engine's cache handle: row r of the batch is slot slots[r] of the pool."""
+
+    pool: "SlotLM"
+    slots: list[int]
+
+    def __post_init__(self):
+        self.pool._live.add(self)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.slots)
+
+    @property
+    def seq_len(self) -> int:
+        return max((int(self.pool.lengths[s]) for s in self.slots), default=0)
+
+    def select(self, rows: Sequence[int]) -> "SlotBatch":
+        return SlotBatch(self.pool, [self.slots[r] for r in rows])
+
+    def merge(self, other: "SlotBatch") -> "SlotBatch":
+        if other.pool is not self.pool:
+            raise ValueError("cannot merge slot batches of two pools")
+        return SlotBatch(self.pool, self.slots + other.slots)
+
+
+class SlotLM:
+    """An OnnxLM's step API (prefill / decode, what runtime.engine drives) over shared-buffer slots."""
+
+    def __init__(self, lm: Any, slots: int, capacity: int = DEFAULT_CAPACITY):
+        kv = lm.artifact["kv_cache"]
+        if kv.get("buffer") != "shared":
+            raise ValueError("slot batching needs a graph fused with kv_buffer: shared")
+        self.lm, self.num_slots = lm, slots
+        self.context_length = lm.artifact["model"].get("max_position_embeddings") or 1 << 30
+        self.capacity = min(capacity, self.context_length)
+        self.eos_token_ids, self.vocab_size = lm.eos_token_ids, lm.vocab_size
+        self.session_seconds: float | None = None
+        self.lengths = np.zeros(slots, np.int64)  # tokens each slot holds
+        self._live: weakref.WeakSet[SlotBatch] = weakref.WeakSet()
+        self._dtype = np.dtype(_ELEMENT_TYPES[kv["dtype"]])
+        self._past = art.kv_names(kv["inputs"], kv["num_layers"])
+        self._present = art.kv_names(kv["outputs"], kv["num_layers"])
+        self._buffers = self._allocate(self.capacity)
+        self._bindings: dict[str, tuple[Any, tuple[int, int, int] | None]] = {}
+        self._one = _ortvalue(np.array(1, np.int64))
+
+    def __getattr__(self, name: str) -> Any:
+        """Everything else (forward, generate's helpers, device, artifact) is the wrapped OnnxLM's."""
+        if name == "lm":
+            raise AttributeError(name)
+        return getattr(self.lm, name)
+
+    # --- the engine's step API -------------------------------------------------------------------------
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, SlotBatch]:
+        """Each prompt into a free slot of its own; logits of each prompt's last token [B, V]."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("prefill needs at least one prompt and no empty prompt")
+        batch = SlotBatch(self, [])
+        rows = []
+        for prompt in prompts:
+            slot = self._free_slot()
+            batch.slots.append(slot)  # the batch holds it from here, so the next prompt gets another
+            self._reserve(len(prompt) + 1)
+            ids = np.asarray(prompt, np.int64)[None, :]
+            mask = np.ones_like(ids)
+            rows.append(self._step("prefill", slot, slot + 1, ids, mask, np.arange(ids.shape[1])[None, :])[0])
+            self.lengths[slot] = len(prompt)
+        return np.stack(rows), batch
+
+    def decode(self, tokens: Sequence[int] | np.ndarray, batch: SlotBatch) -> tuple[np.ndarray, SlotBatch]:
+        """One new token per row of the batch, written in place; logits [B, V]."""
+        tokens = np.asarray(tokens, np.int64).reshape(-1)
+        if tokens.shape[0] != batch.batch_size:
+            raise ValueError(f"decode got {tokens.shape[0]} tokens for a batch of {batch.batch_size} rows")
+        low, high = min(batch.slots), max(batch.slots) + 1
+        self._reserve(int(self.lengths[low:high].max()) + 1)
+        rows = np.asarray(batch.slots) - low
+        ids = np.full((high - low, 1), self.lm.pad_token_id, np.int64)
+        ids[rows, 0] = tokens
+        positions = self.lengths[low:high, None].copy()  # a row outside the batch writes past its own data
+        mask = (np.arange(int(positions.max()) + 1)[None, :] <= positions).astype(np.int64)
+        logits = self._step("decode", low, high, ids, mask, positions)
+        self.lengths[batch.slots] += 1
+        return logits[rows], batch
+
+    # --- slots and buffers ------------------------------------------------------------------------------
+
+    def in_use(self) -> set[int]:
+        return {slot for batch in list(self._live) for slot in batch.slots}
+
+    def buffer_pointers(self) -> list[int]:
+        """Device addresses of the per-layer buffers (tests check that steps write them in place)."""
+        return [buffer.data_ptr() for buffer in self._buffers]
+
+    def _free_slot(self) -> int:
+        used = self.in_use()
+        slot = next((s for s in range(self.num_slots) if s not in used), None)
+        if slot is None:
+            raise RuntimeError(f"all {self.num_slots} slots are in use")
+        self.lengths[slot] = 0
+        return slot
+
+    def _reserve(self, columns: int) -> None:
+        if columns > self.context_length:
+            raise ValueError(f"a sequence of {columns} tokens exceeds the model's context of {self.context_length}")
+        if columns <= self.capacity:
+            return
+        capacity = min(max(columns, 2 * self.capacity), self.context_length)
+        self._buffers = self.lm._kv_ops.widen(self._buffers, capacity - self.capacity)
+        self.capacity = capacity
+        self._bindings.clear()
+
+    def _allocate(self, capacity: int) -> list[Any]:
+        import onnxruntime
+
+        # onnxruntime owns this memory (a CPU OrtValue made from numpy would alias the array); columns past a
+        # row's length are never read, so they need no zeros
+        shape = [self.num_slots, self.lm.kv_heads, capacity, self.lm.head_dim]
+        return [onnxruntime.OrtValue.ortvalue_from_shape_and_type(shape, self._dtype, self.lm.device)
+                for _ in self._past]
+
+    # --- one session run --------------------------------------------------------------------------------
+
+    def _step(self, phase: str, low: int, high: int, ids: np.ndarray, mask: np.ndarray,
+              positions: np.ndarray) -> np.ndarray:
+        sess = self.lm.prefill_session if phase == "prefill" else self.lm.session
+        info = self.lm._info[phase]
+        binding = self._binding(phase, sess, low, high)
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", mask)
+        if info.position_ids:
+            binding.bind_cpu_input("position_ids", positions.astype(np.int64))
+        if info.select_logits:
+            binding.bind_ortvalue_input(art.LOGITS_TO_KEEP, self._one)
+        binding.bind_output("logits", "cpu")
+        started = time.perf_counter()
+        sess.run_with_iobinding(binding)
+        self.session_seconds = time.perf_counter() - started
+        logits = binding.get_outputs()[-1].numpy()
+        return logits[:, -1]
+
+    def _binding(self, phase: str, sess: Any, low: int, high: int) -> Any:
+        """The phase's IOBinding with rows [low, high) of every buffer bound as past and present (rebound
+        only when the rows or the capacity changed)."""
+        binding, bound = self._bindings.get(phase, (None, None))
+        key = (low, high, self.capacity)
+        if binding is None:
+            binding = sess.io_binding()
+        if bound != key:
+            shape = [high - low, self.lm.kv_heads, self.capacity, self.lm.head_dim]
+            row_bytes = self.lm.kv_heads * self.capacity * self.lm.head_dim * self._dtype.itemsize
+            device = "cuda" if self.lm.device == "cuda" else "cpu"
+            for past, present, buffer in zip(self._past, self._present, self._buffers, strict=True):
+                address = buffer.data_ptr() + low * row_bytes
+                binding.bind_input(past, device, 0, self._dtype, shape, address)
+                binding.bind_output(present, device, 0, self._dtype, shape, address)
+        self._bindings[phase] = (binding, key)
+        return binding
+
+
+def _ortvalue(array: np.ndarray) -> Any:
+    import onnxruntime
+
+    return onnxruntime.OrtValue.ortvalue_from_numpy(array)
+
+
+def step_model(lm: Any, slots: int, capacity: int = DEFAULT_CAPACITY) -> Any:
+    """What an engine should drive for `lm`: slots over a shared-buffer graph, else the OnnxLM itself."""
+    artifact = getattr(lm, "artifact", None) or {}  # a test's fake model has none
+    if (artifact.get("kv_cache") or {}).get("buffer") == "shared":
+        return SlotLM(lm, slots, capacity)
+    return lm
