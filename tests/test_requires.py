@@ -31,8 +31,11 @@ def built(exported, tmp_path_factory):
     def get(family: str, target: str | None = None, scheme: str | None = None):
         if (family, target, scheme) not in done:
             out = tmp_path_factory.mktemp(f"{family}-{target}-{scheme}")
-            if scheme is None:
-                run_pass("fuse", exported(family)[0], out, target_onnxruntime=target)
+            if scheme in (None, "shared"):
+                run_pass("fuse", exported(family)[0], out, target_onnxruntime=target,
+                         kv_buffer="shared" if scheme else "growing")
+            elif scheme == "kv8":
+                run_pass("quantize_kv", get(family, target, "shared"), out, data=RandomWindows(), max_kl=1e6)
             else:
                 run_pass("quantize", get(family, target), out, data=RandomWindows(), scheme=scheme,
                          target_onnxruntime=target, **ANY_SCORE)
@@ -182,3 +185,18 @@ def test_onnxruntime_122_runs_the_older_group_query_attention(built, exported):
     assert "batch_size must be 1 when sequence_length > 1 and past context is given" in answer["batched_chunk_error"]
     refused = run_probe(python, "load", str(built("llama") / "model.onnx"))
     assert "input size 17 not in range [min=7, max=11]" in refused["error"], refused
+
+
+def test_a_shared_buffer_runs_in_onnxruntime_120_through_the_slot_runtime(built, exported):
+    """GroupQueryAttention with the mask's lengths has 7 inputs: 1.20 takes it once onnxruntime 1.32's saved
+    default attributes (causal, 1.30) are dropped, and computes the tokens of the unfused graph."""
+    assert needs(built("llama", scheme="shared"))["because"] == [f"{GQA} attribute causal"]
+    shared = built("llama", "1.20", "shared")
+    assert ops_of(shared)[GQA] == 7 and needs(shared)["onnxruntime"] == "1.20"
+    answer = run_probe(peer_python("ort-1.20"), "slots", str(exported("llama")[0]), str(shared))
+    assert answer["error"] is None and answer["tokens"] == answer["expected"], answer
+
+
+def test_an_int8_cache_needs_the_release_whose_cpu_kernel_runs_it(built):
+    kv8 = needs(built("llama", "1.25", "kv8"))
+    assert kv8["onnxruntime"] == "1.27" and kv8["because"] == [f"{GQA} int8 input 3"]

@@ -33,6 +33,7 @@ TARGET_PROPERTY = prop(
     enum=[*requires.KNOWN, None])
 
 GQA_INPUTS = 11  # recipec's attention needs inputs up to attention_bias (10)
+SHARED_GQA_INPUTS = 7  # ... with kv_buffer: shared, lengths from the mask and no bias (up to total length, 6)
 MHA_INPUTS = 8  # ... up to past_value (7); attention_bias is 5
 # Inputs recipec fills that an older signature can go without, by slot: query_seqlens is S for every row, which
 # is what GroupQueryAttention assumes without it; the difference (batch > 1 multi-token steps with a past) is
@@ -49,15 +50,18 @@ def effective_target(target: str | None) -> str | None:
     return here if here in requires.KNOWN[:-1] else None
 
 
-def attention_choice(choice: str, target: str | None, log: Callable[[str], None] = lambda message: None) -> str:
-    """The fuse pass's `attention` for the target: what it asked for, narrowed to what the target runs."""
+def attention_choice(choice: str, target: str | None, log: Callable[[str], None] = lambda message: None,
+                     shared_buffer: bool = False) -> str:
+    """The fuse pass's `attention` for the target: what it asked for, narrowed to what the target runs. The
+    shared-buffer form of GroupQueryAttention runs from the oldest release recipec knows (measured on 1.20.1:
+    the fuse check and recipec's slot runtime give the unfused graph's tokens)."""
     if target is None:
         return choice
-    gqa = requires.accepts(target, MS, "GroupQueryAttention", GQA_INPUTS)
+    gqa = requires.accepts(target, MS, "GroupQueryAttention", SHARED_GQA_INPUTS if shared_buffer else GQA_INPUTS)
     mha = requires.accepts(target, MS, "MultiHeadAttention", MHA_INPUTS)
     if (choice == "gqa" and not gqa) or (choice == "mha" and not mha):
         raise PassError(attention_problem(choice, target))
-    if choice != "auto" or (gqa and mha):
+    if choice != "auto" or (gqa and mha) or shared_buffer:
         return choice
     narrowed = "mha" if mha else "none"
     gqa_release, _ = requires.release_for(MS, "GroupQueryAttention", GQA_INPUTS)
@@ -80,7 +84,7 @@ def fuse_problems(params: dict[str, Any]) -> list[tuple[tuple, str]]:
     if target is None or choice not in ("gqa", "mha"):
         return []
     try:
-        attention_choice(choice, target)
+        attention_choice(choice, target, shared_buffer=params.get("kv_buffer") == "shared")
     except PassError as exc:
         return [(("attention",), str(exc))]
     return []

@@ -159,7 +159,8 @@ def _external(source: Path, model: ir.Model) -> bool:
 def apply(ctx: StageContext) -> dict[str, Any]:
     target_ort = compat.effective_target(ctx.params["target_onnxruntime"])
     params = {**ctx.params, "target_onnxruntime": target_ort,
-              "attention": compat.attention_choice(ctx.params["attention"], target_ort, ctx.log)}
+              "attention": compat.attention_choice(ctx.params["attention"], target_ort, ctx.log,
+                                                   shared_buffer=ctx.params["kv_buffer"] == "shared")}
     source = ctx.input_dir / "model.onnx"
     if not source.exists():
         raise PassError(f"fuse: {source} does not exist; fuse consumes an exported ONNX variant")
