@@ -130,6 +130,14 @@ def test_target_onnxruntime_is_validated_by_name(tmp_path):
     assert "passes[2].with.embeddings: embeddings: quantize needs onnxruntime 1.23" in text
 
 
+def test_asymmetric_int4_embeddings_need_the_release_that_reads_their_zero_points():
+    asymmetric = {"scheme": "int4", "symmetric": False, "embeddings": "quantize", "target_onnxruntime": "1.26"}
+    [(field, message)] = compat.quantize_problems(asymmetric)
+    assert field == ("embeddings",) and "needs onnxruntime 1.27" in message and "odd number of blocks" in message
+    assert compat.quantize_problems({**asymmetric, "target_onnxruntime": "1.27"}) == []
+    assert compat.quantize_problems({**asymmetric, "symmetric": True}) == []  # no zero points: 1.23 reads them
+
+
 def test_quantize_refuses_a_target_its_input_graph_cannot_meet(built, tmp_path):
     with pytest.raises(PassError, match=f"target_onnxruntime 1.20, but the graph needs onnxruntime 1.32: {GQA}"):
         run_pass("quantize", built("llama"), tmp_path, data=RandomWindows(), scheme="int4",

@@ -11,7 +11,7 @@ Where the facts come from (all measured, not recalled): every onnxruntime releas
 (`onnxruntime.capi.onnxruntime_pybind11_state.get_all_operator_schema()`: min/max input count, attribute names
 and type constraints per operator); IR versions were measured by loading a one-node graph of each IR version.
 No schema changed within a minor version, so a requirement is a minor version ("1.22"). Where a release loads
-a node but computes something else, the table says so (`Op.note`) and starts at the release that computes it
+a node but computes something else, the table says so (`Op.notes`) and starts at the release that computes it
 right; what an older form of an operator cannot do is listed as a limit (`Op.limits`).
 """
 from __future__ import annotations
@@ -44,7 +44,8 @@ class Op:
     dtypes: dict[tuple[int, str], str] = field(default_factory=dict)
     # (most inputs, limit id, what a node with at most that many inputs cannot do)
     limits: tuple[tuple[int, str, str], ...] = ()
-    note: str = ""
+    # release in `inputs` -> why that signature starts there rather than where the schema admits it
+    notes: dict[str, str] = field(default_factory=dict)
 
 
 # Every operator outside the ONNX standard that recipec's passes write or onnxruntime's optimizer leaves in a
@@ -75,13 +76,17 @@ OPS: dict[tuple[str, str], Op] = {
     # and cache_indirection (9, 10) 1.22.
     (MS, "MultiHeadAttention"): Op(
         inputs=(("1.21", 8), ("1.22", 10)),
-        note="1.20.1 loads recipec's MultiHeadAttention but computes wrong values at batch > 1 (measured: "
-             "|Δlogits| 19 against the unfused graph on a batch of 2, with or without padding; 0 at batch 1)"),
+        notes={"1.21": "1.20.1 loads recipec's MultiHeadAttention but computes wrong values at batch > 1 (measured: "
+                       "|Δlogits| 19 against the unfused graph on a batch of 2, with or without padding; 0 at batch 1)"}),
     (MS, "RotaryEmbedding"): Op(inputs=(("1.20", 4),)),
     # 4-bit data as int4/uint4 since 1.20 (PR #21630); uint8 data 1.22 (PR #24239, shared with MatMulNBits);
-    # the bits attribute and 8-bit blocks 1.23 (PR #25214).
-    (MS, "GatherBlockQuantized"): Op(inputs=(("1.20", 4),), attributes={"bits": "1.23"}, defaults={"bits": 4},
-                                     dtypes={(0, "uint8"): "1.22"}),
+    # the bits attribute and 8-bit blocks 1.23 (PR #25214). Zero points (input 3): see the note.
+    (MS, "GatherBlockQuantized"): Op(
+        inputs=(("1.20", 3), ("1.27", 4)), attributes={"bits": "1.23"}, defaults={"bits": 4},
+        dtypes={(0, "uint8"): "1.22"},
+        notes={"1.27": "1.23 to 1.26 read 4-bit zero points wrongly when a row has an odd number of blocks "
+                       "(measured: |Δlogits| 19 against 1.32 at hidden 96, block 32; 1.27 within 1.3e-4; "
+                       "PR #26506 describes the padding block they missed)"}),
     (MS, "MatMulNBits"): Op(inputs=(("1.20", 6),), attributes={"weight_prepacked": "1.28"},
                             defaults={"weight_prepacked": 0}, dtypes={(0, "bfloat16"): "1.23"}),
     (MS, "SkipSimplifiedLayerNormalization"): Op(inputs=(("1.20", 4),)),
@@ -137,7 +142,7 @@ def release_for(domain: str, op_type: str, inputs: int, attributes: Iterable[str
     fits = [release for release, most in op.inputs if inputs <= most]
     if not fits:
         return None, f"with {inputs} inputs, more than recipec's facts know (the onnxruntime that built it runs it)"
-    needs = [(fits[0], f"with {inputs} inputs" + (f": {op.note}" if op.note and fits[0] == op.inputs[0][0] else ""))]
+    needs = [(fits[0], f"with {inputs} inputs" + (f": {op.notes[fits[0]]}" if fits[0] in op.notes else ""))]
     needs += [(release, f"attribute {name}") for name, release in op.attributes.items() if name in set(attributes)]
     needs += [(release, f"{dtype} input {slot}") for (slot, dtype), release in op.dtypes.items()
               if (dtypes or {}).get(slot) == dtype]

@@ -90,17 +90,22 @@ def fuse_problems(params: dict[str, Any]) -> list[tuple[tuple, str]]:
     return []
 
 
-def embeddings_quantizable(target: str | None) -> bool:
-    return target is None or requires.accepts(target, MS, "GatherBlockQuantized", 3, ["bits"])
+def _table_inputs(params: dict[str, Any]) -> int:
+    """GatherBlockQuantized's inputs for the scheme: zero points (input 3) only for asymmetric int4 blocks."""
+    return 4 if params.get("scheme") == "int4" and params.get("symmetric") is False else 3
+
+
+def embeddings_quantizable(target: str | None, params: dict[str, Any]) -> bool:
+    return target is None or requires.accepts(target, MS, "GatherBlockQuantized", _table_inputs(params), ["bits"])
 
 
 def quantize_problems(params: dict[str, Any]) -> list[tuple[tuple, str]]:
     target = params.get("target_onnxruntime")
-    if params.get("embeddings") == "quantize" and not embeddings_quantizable(target):
-        release, _ = requires.release_for(MS, "GatherBlockQuantized", 3, ["bits"])
-        return [(("embeddings",), f"embeddings: quantize needs onnxruntime {release} (GatherBlockQuantized with "
-                                  f"uint8 data and its bits attribute), but target_onnxruntime is {target}; use "
-                                  "embeddings: keep, or leave it out")]
+    if params.get("embeddings") == "quantize" and not embeddings_quantizable(target, params):
+        release, why = requires.release_for(MS, "GatherBlockQuantized", _table_inputs(params), ["bits"])
+        return [(("embeddings",), f"embeddings: quantize needs onnxruntime {release} (GatherBlockQuantized as "
+                                  f"recipec writes it for this scheme: {why}), but target_onnxruntime is {target}; "
+                                  "use embeddings: keep, or leave it out")]
     return []
 
 
@@ -108,7 +113,7 @@ def quantize_options(params: dict[str, Any], opts: dict[str, Any], log: Callable
     """The scheme's options for the target: embeddings left at their default stay float where it cannot
     read quantized ones (one given explicitly was refused at validation)."""
     target = params.get("target_onnxruntime")
-    if opts.get("embeddings") == "quantize" and not embeddings_quantizable(target):
+    if opts.get("embeddings") == "quantize" and not embeddings_quantizable(target, {**params, **opts}):
         log(f"quantize: target_onnxruntime {target} has no GatherBlockQuantized as recipec writes it; the "
             "token-embedding table stays float (embeddings: keep)")
         return {**opts, "embeddings": "keep"}
