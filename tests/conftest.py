@@ -155,6 +155,19 @@ def export_op() -> Callable[..., dict[str, Any]]:
     return run_export_op
 
 
+def cli_build(recipe_text: str, tmp_path: Path, timeout: float = 900) -> tuple[subprocess.CompletedProcess, Path]:
+    """`recipec build` of the recipe in a fresh process with its own cache under tmp_path; (result, out dir)."""
+    import os
+    import sys
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(recipe_text)
+    env = {**os.environ, "RECIPEC_CACHE": str(tmp_path / "cache"), "COLUMNS": "200"}
+    result = subprocess.run([sys.executable, "-m", "recipec.cli", "build", str(recipe), "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, env=env, timeout=timeout)
+    return result, tmp_path / "out"
+
+
 def kill_at(proc: subprocess.Popen, marker: str, delay: float, deadline: float) -> str:
     """Read the build's stderr until `marker` shows, wait `delay` seconds (so the kill lands inside the stage's
     work, not at its first line) and SIGKILL it; returns everything it printed."""

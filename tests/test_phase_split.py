@@ -2,14 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import RECIPE_HEAD, RandomWindows, make_tiny_model, run_pass
+from conftest import RECIPE_HEAD, cli_build, RandomWindows, make_tiny_model, run_pass
 
 from recipec import cli
 from recipec.deploy import genai, triton
@@ -153,11 +150,7 @@ data:
 
 
 def test_cli_build_writes_the_phase_split_variant(tmp_path):
-    recipe = tmp_path / "split.yaml"
-    recipe.write_text(BUILD)
-    env = {**os.environ, "RECIPEC_CACHE": str(tmp_path / "cache"), "COLUMNS": "200"}
-    result = subprocess.run([sys.executable, "-m", "recipec.cli", "build", str(recipe), "--out", str(tmp_path / "out")],
-                            capture_output=True, text=True, env=env, timeout=900)
+    result, _ = cli_build(BUILD, tmp_path)
     assert result.returncode == 0, result.stderr
     build = tmp_path / "out" / "tiny"
     variant = build / "variants" / "split"

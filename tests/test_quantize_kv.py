@@ -3,15 +3,12 @@ slot loop; the cache's bytes per token drop to a quarter of float32's."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import onnx
 import pytest
 
-from conftest import RECIPE_HEAD, RandomWindows, make_tiny_model, run_pass
+from conftest import RECIPE_HEAD, cli_build, RandomWindows, make_tiny_model, run_pass
 from recipec.errors import PassError
 from recipec.runtime import lm as runtime
 from recipec.runtime.engine import Engine, Policy
@@ -106,11 +103,7 @@ data:
 
 
 def test_a_recipe_builds_and_profiles_an_int8_cache_variant_through_slots(tmp_path):
-    recipe = tmp_path / "kv.yaml"
-    recipe.write_text(BUILD)
-    env = {**os.environ, "RECIPEC_CACHE": str(tmp_path / "cache"), "COLUMNS": "200"}
-    result = subprocess.run([sys.executable, "-m", "recipec.cli", "build", str(recipe), "--out", str(tmp_path / "out")],
-                            capture_output=True, text=True, env=env, timeout=900)
+    result, _ = cli_build(BUILD, tmp_path)
     assert result.returncode == 0, result.stderr
     build = tmp_path / "out" / "tiny"
     artifact = json.loads((build / "variants" / "kv8" / "artifact.json").read_text())
