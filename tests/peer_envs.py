@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,14 @@ PEERS: dict[str, tuple[list[str], str]] = {
     "ort-1.22": (["onnxruntime==1.22.1", "numpy", "onnx"], "import onnxruntime, onnx"),
     # optimum-onnx 0.1.0 pins transformers < 4.58 (bench/common.py); its tokenizers need no torch
     "transformers-4.57": (["transformers==4.57.1"], "import transformers"),
+    # lm-evaluation-harness against `recipec serve` (tests/test_lm_eval.py). Its own environment, not the dev
+    # extra: it brings ~40 packages (datasets, evaluate, scikit-learn, pandas, pyarrow …), and datasets caps
+    # fsspec (<= 2026.9.0 in datasets 5.2) while s3fs, in the dev extra, pins fsspec to its own release, so the
+    # two would stop resolving together at the next s3fs. [api] brings aiohttp and tenacity for
+    # local-completions; transformers (no torch) is its tokenizer, at this environment's version, the one that
+    # wrote the variants' tokenizer files.
+    "lm-eval-0.4.13": (["lm-eval[api]==0.4.13", f"transformers=={version('transformers')}"],
+                       "import lm_eval.models.openai_completions, transformers"),
 }
 INSTALL_SECONDS = 600
 

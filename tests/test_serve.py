@@ -167,8 +167,13 @@ def test_seeded_sampling_repeats_and_seeds_differ(server):
     ({"prompt": [1, 2], "temperature": -1}, "temperature"),
     ({"prompt": [1, 2], "top_p": 0}, "top_p"),
     ({"prompt": [1, 2], "stream": "yes"}, "stream"),
-    ({"prompt": [1, 2], "n": 3}, "n"),
-    ({"prompt": [1, 2], "stop": ["\n"]}, "stop"),
+    ({"prompt": [1, 2], "n": 0}, "n"),
+    ({"prompt": [1, 2], "n": 3}, "n"),  # three batch slots, where this server queues two
+    ({"prompt": [1, 2], "stop": [""]}, "stop"),
+    ({"prompt": [1, 2], "logprobs": 21}, "logprobs"),
+    ({"prompt": [1, 2], "logprobs": True}, "logprobs"),
+    ({"prompt": [1, 2], "stop_token_ids": [99999]}, "stop_token_ids"),
+    ({"prompt": [[1, 2], "w5"]}, "prompt"),
     ("{not json", None),
 ])
 def test_bad_requests_get_400_naming_the_field(server, body, param):

@@ -15,6 +15,7 @@ from recipec.errors import UsageError
 from recipec.runtime.engine import POLICIES, policy_from_serving
 from recipec.serve.guard import LOOPBACK_NAMES, Access
 from recipec.serve.limits import DEFAULT_MAX_QUEUE, Limits
+from recipec.serve.metrics import METRIC_NAMES
 from recipec.serve.server import run_server
 from recipec.serve.service import build_service
 
@@ -23,7 +24,7 @@ _DEFAULTS = Limits()
 
 
 def register(sub) -> None:
-    p = sub.add_parser("serve", help="serve a built variant over HTTP (OpenAI-compatible /v1/completions)")
+    p = sub.add_parser("serve", help="serve a built variant over HTTP (OpenAI-compatible completions and chat)")
     _arguments(p)
     p.set_defaults(handler=cmd_serve)
 
@@ -43,6 +44,12 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", choices=list(POLICIES), help="batching policy (default: the recipe's)")
     p.add_argument("--max-batch-size", type=int, help="default: the recipe's")
     p.add_argument("--max-wait-ms", type=float, help="dynamic batching's wait (default: the recipe's)")
+    p.add_argument("--chat-template", type=Path, metavar="FILE",
+                   help="a Jinja chat template for /v1/chat/completions (default: the recipe's serving.chat_template, "
+                        "else the tokenizer's own)")
+    p.add_argument("--metric-names", choices=METRIC_NAMES, default="recipec",
+                   help="/metrics under recipec's names, vLLM's (vllm:time_to_first_token_seconds …, for dashboards "
+                        "built for vLLM) or both (default recipec)")
     _hardening_arguments(p)
 
 
@@ -82,10 +89,11 @@ def cmd_serve(args) -> int:
     _check_port(args.host, args.port)
     serving = command_manifest(args.build_dir, [args.variant])["recipe"]["resolved"].get("serving", {})
     policy = override_policy(policy_from_serving(serving), args, "serve")
+    template = _chat_template(args.chat_template)
     log = _access_log(args.access_log)  # before loading the model: a bad path fails at once
     try:
         service = build_service(args.build_dir, args.variant, policy, args.device, args.threads, args.max_queue,
-                                args.max_queue_per_client, limits.request_timeout)
+                                args.max_queue_per_client, limits.request_timeout, template, args.metric_names)
         if not _loopback(args.host):
             console.warn(f"listening on {args.host}: reachable from other machines, "
                          + ("without TLS: put a TLS proxy in front (docs/deploy.md)" if access.api_keys
@@ -93,6 +101,9 @@ def cmd_serve(args) -> int:
         console.say(f"serving {service.spec.name} on http://{args.host}:{args.port} ({policy.batching} "
                     f"batching, max batch {policy.max_batch_size}, max queue {args.max_queue}, "
                     f"{service.per_client} per client{', API keys on' if access.api_keys else ''}); Ctrl-C stops")
+        chat = service.spec.chat_template
+        console.say(f"chat template: {chat.origin}" if chat is not None else
+                    "no chat template: /v1/chat/completions answers 400 (--chat-template FILE gives one)")
         run_server(service, args.host, args.port, limits, access, args.openapi, log)
     finally:
         if log is not None and log is not sys.stdout:
@@ -130,6 +141,15 @@ def _allowed_hosts(host: str, given: list[str]) -> frozenset[str] | None:
         return frozenset(h.strip().lower().strip("[]") for h in given)
     # Loopback: a browser on this machine is the only client, and DNS rebinding its way in sends another name.
     return LOOPBACK_NAMES | {host.lower().strip("[]")} if _loopback(host) else None
+
+
+def _chat_template(path: Path | None) -> tuple[str, str] | None:
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8"), f"--chat-template {path}"
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read --chat-template {path}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
 def _access_log(path: str | None):

@@ -136,6 +136,12 @@ def _serving_section() -> dict[str, Any]:
                 "allOf": [{"if": {"properties": {"method": {"const": "draft"}}, "required": ["method"]},
                            "then": {"required": ["draft"]}}],
             },
+            "chat_template": {
+                "type": "string", "minLength": 1,
+                "description": "A Jinja chat template (as transformers' tokenizer_config.json chat_template) that "
+                               "`recipec serve` renders /v1/chat/completions messages with, for a model whose "
+                               "tokenizer has none or to replace its own; `recipec serve --chat-template FILE` "
+                               "overrides it."},
             "cost": COST_SCHEMA,
             "slo": {
                 "type": "object", "additionalProperties": False, "minProperties": 1,

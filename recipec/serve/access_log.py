@@ -1,5 +1,6 @@
-"""The access log (`--access-log PATH`, `-` for stdout): one JSON object per line and request, written when
-the request ends, so that a log shipper can parse it without a format of its own:
+"""The access log (`--access-log PATH`, `-` for stdout): one JSON object per line and request, written as
+the response's last bytes go out (or when the request ends without a whole response), so that a log shipper
+can parse it without a format of its own:
 
     {"time": "2026-11-27T10:00:00.123Z", "client": "127.0.0.1", "method": "POST", "path": "/v1/completions",
      "status": 200, "duration_ms": 84.2, "bytes": 612, "user_agent": "curl/8.5.0"}
@@ -24,20 +25,25 @@ class AccessLog:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        start, status, sent = time.monotonic(), None, 0
+        start, status, sent, written = time.monotonic(), None, 0, False
 
         async def logged(message: dict[str, Any]) -> None:
-            nonlocal status, sent
+            nonlocal status, sent, written
             if message["type"] == "http.response.start":
                 status = message["status"]
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    # Before the last byte goes out: a client that has read the whole response finds its line.
+                    self.write(scope, status, sent, time.monotonic() - start)
+                    written = True
             await send(message)
 
         try:
             await self.app(scope, receive, logged)
         finally:
-            self.write(scope, status, sent, time.monotonic() - start)
+            if not written:  # no whole response: the client left, or the app failed
+                self.write(scope, status, sent, time.monotonic() - start)
 
     def write(self, scope, status: int | None, sent: int, seconds: float) -> None:
         agent = next((v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"user-agent"), None)

@@ -1,22 +1,23 @@
-"""The HTTP app: OpenAI's /v1/completions (whole or streamed as server-sent events), /v1/models, /health
-(liveness), /ready (readiness) and /metrics over a Service. Every error is in OpenAI's shape, routes
-unknown to it included. The guard (recipec.serve.guard) runs in front of it; recipec.serve.server runs both."""
+"""The HTTP app: OpenAI's /v1/completions and /v1/chat/completions (whole or streamed as server-sent events),
+/v1/models and /v1/models/{id}, /health (liveness), /ready (readiness) and /metrics over a Service. Every
+error is in OpenAI's shape, routes unknown to it included. The guard (recipec.serve.guard) runs in front of
+it; recipec.serve.server runs both."""
 from __future__ import annotations
 
 import asyncio
 import json
-import time
-from typing import Any
+from typing import Any, Callable
 
 # At module level: FastAPI resolves handler annotations (strings under `from __future__ import annotations`)
 # in this module's globals.
 from starlette.requests import Request as HttpRequest
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
+from recipec.serve.chat import parse_chat
 from recipec.serve.limits import Limits
-from recipec.serve.protocol import ApiError, Completion, parse_completion, set_prompt
-from recipec.serve.service import Handle, Service
-from recipec.serve.tokenizer import Detokenizer
+from recipec.serve.protocol import ApiError, Completion, ModelSpec, parse_completion, set_prompts
+from recipec.serve.responses import ChatFormat, CompletionsFormat, respond
+from recipec.serve.service import Service
 
 
 def create_app(service: Service, limits: Limits, openapi: bool = False):
@@ -57,20 +58,22 @@ def create_app(service: Service, limits: Limits, openapi: bool = False):
 
     @app.get("/v1/models")
     async def models():
-        p = service.policy
-        return {"object": "list", "data": [{
-            "id": service.spec.name, "object": "model", "owned_by": "recipec", "created": 0,
-            "max_model_len": service.spec.context_length, "vocab_size": service.spec.vocab_size,
-            "batching": {"policy": p.batching, "max_batch_size": p.max_batch_size, "max_wait_ms": p.max_wait_ms,
-                         "max_tokens_per_step": p.max_tokens_per_step}}]}
+        return {"object": "list", "data": [_model_card(service)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        service.spec.check_model({"model": model_id})
+        return _model_card(service)
 
     @app.post("/v1/completions")
     async def completions(request: HttpRequest):
-        completion = await _validated(request, service, limits)
-        handle = service.submit(completion, request.scope.get("state", {}).get("client", ""))
-        if completion.stream:
-            return _Stream(service, handle)
-        return await _complete(service, handle, request.receive)
+        completion = await _validated(request, service, limits, parse_completion)
+        return await respond(service, completion, CompletionsFormat, _client(request), request.receive)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HttpRequest):
+        completion = await _validated(request, service, limits, parse_chat)
+        return await respond(service, completion, ChatFormat, _client(request), request.receive)
 
     return app
 
@@ -78,6 +81,20 @@ def create_app(service: Service, limits: Limits, openapi: bool = False):
 def error_response(exc: ApiError):
     """An ApiError as a Starlette response (the guard sends the same bytes at the ASGI level)."""
     return Response(exc.content(), status_code=exc.status, headers=exc.headers, media_type="application/json")
+
+
+def _model_card(service: Service) -> dict[str, Any]:
+    p, spec = service.policy, service.spec
+    return {"id": spec.name, "object": "model", "owned_by": "recipec", "created": 0, "aliases": list(spec.aliases),
+            "max_model_len": spec.context_length, "vocab_size": spec.vocab_size,
+            "chat_template": spec.chat_template is not None,
+            "batching": {"policy": p.batching, "max_batch_size": p.max_batch_size, "max_wait_ms": p.max_wait_ms,
+                         "max_tokens_per_step": p.max_tokens_per_step}}
+
+
+def _client(request: HttpRequest) -> str:
+    """The guard's key for the request's client: its share of the queue."""
+    return request.scope.get("state", {}).get("client", "")
 
 
 async def _json_body(request) -> Any:
@@ -89,109 +106,20 @@ async def _json_body(request) -> Any:
         raise ApiError(400, "the request body is JSON nested too deeply") from None
 
 
-async def _validated(request, service: Service, limits: Limits) -> Completion:
+async def _validated(request, service: Service, limits: Limits,
+                     parse: Callable[[Any, ModelSpec, int | None], Completion]) -> Completion:
     try:
-        completion = parse_completion(await _json_body(request), service.spec,
-                                      limits.prompt_chars(service.spec.context_length))
-        if completion.text is not None:
+        completion = parse(await _json_body(request), service.spec, limits.prompt_chars(service.spec.context_length))
+        if not completion.prompts:
             # On a worker thread: a long prompt takes the tokenizer a while (which releases the GIL), and the
             # event loop keeps answering /health and streaming other requests' tokens meanwhile.
-            ids = await asyncio.to_thread(service.spec.tokenizer.encode, completion.text)
-            set_prompt(completion, ids, service.spec)
+            ids = await asyncio.to_thread(_encode, service.spec.tokenizer, completion)
+            set_prompts(completion, ids, service.spec)
         return completion
     except ApiError:
         service.metrics.reject("invalid")
         raise
 
 
-def _chunk(service: Service, handle: Handle, text: str, tokens: list[int], reason: str | None) -> dict[str, Any]:
-    return {"id": f"cmpl-{handle.request.id}", "object": "text_completion", "created": int(time.time()),
-            "model": service.spec.name,
-            "choices": [{"index": 0, "text": text, "token_ids": tokens, "logprobs": None, "finish_reason": reason}]}
-
-
-def _usage(handle: Handle) -> dict[str, int]:
-    n_in, n_out = len(handle.completion.prompt), len(handle.request.tokens)
-    return {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
-
-
-def _ended(service: Service, handle: Handle, reason: str) -> ApiError:
-    """The error a request that did not finish answers with, by why it ended."""
-    if reason == "error":
-        return ApiError(500, f"generation failed: {handle.request.error}")
-    if reason == "shutdown":
-        return ApiError(503, "the server shut down before the request finished" if handle.started
-                        else "the server is shutting down; the request was not started, retry on another instance")
-    if reason == "deadline":
-        return ApiError(504, f"the request ran past its deadline of {service.request_timeout:g} s (--request-timeout)")
-    if reason == "disconnected":
-        return ApiError(499, "client disconnected")  # nobody reads it; it shows in the access log
-    return ApiError(503, "the request was cancelled")
-
-
-async def _sse(service: Service, handle: Handle):
-    """One event per token, then the finish reason, usage when asked, and [DONE]; a request that cannot
-    finish (shutdown, deadline, failure) ends with an error event in OpenAI's shape, then [DONE]. A disconnect
-    cancels the generator at its await; `finally` then frees its batch slot."""
-    text = Detokenizer(service.spec.tokenizer)
-    try:
-        while True:
-            kind, value = await handle.events.get()
-            if kind == "token":
-                yield _event(_chunk(service, handle, text.add(value), [value], None))
-                continue
-            if value in ("stop", "length"):
-                yield _event(_chunk(service, handle, "", [], value))
-                if handle.completion.include_usage:
-                    yield _event({**_chunk(service, handle, "", [], None), "choices": [], "usage": _usage(handle)})
-            else:
-                yield _event(_ended(service, handle, value).body())
-            yield "data: [DONE]\n\n"
-            return
-    finally:
-        service.release(handle)
-
-
-class _Stream(StreamingResponse):
-    """The SSE response, freeing the request's slot however it ends: a client that hangs up before the first
-    event cancels the response before `_sse` ever runs, so the generator's own `finally` cannot be relied on."""
-
-    def __init__(self, service: Service, handle: Handle):
-        super().__init__(_sse(service, handle), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        self.service, self.handle = service, handle
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.service.release(self.handle)
-
-
-def _event(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload)}\n\n"
-
-
-async def _complete(service: Service, handle: Handle, receive) -> dict[str, Any]:
-    """Wait for the whole completion while a watcher ends it the moment its client hangs up."""
-    watcher = asyncio.ensure_future(_hang_up(service, handle, receive))
-    tokens: list[int] = []
-    try:
-        while True:
-            kind, value = await handle.events.get()
-            if kind == "token":
-                tokens.append(value)
-                continue
-            if value not in ("stop", "length"):
-                raise _ended(service, handle, value)
-            whole = service.spec.tokenizer.decode(tokens) if service.spec.tokenizer is not None else ""
-            return {**_chunk(service, handle, whole, tokens, value), "usage": _usage(handle)}
-    finally:
-        watcher.cancel()
-        service.release(handle)
-
-
-async def _hang_up(service: Service, handle: Handle, receive) -> None:
-    # The body is read, so the server's next message is http.disconnect, sent when the client closes.
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    service.end(handle, "disconnected")
+def _encode(tokenizer: Any, completion: Completion) -> list[list[int]]:
+    return [tokenizer.encode(text, special_tokens=completion.special_tokens) for text in completion.texts]

@@ -1,4 +1,5 @@
-"""The engine the server runs: the profiler's own, choosing tokens by each request's sampling parameters."""
+"""The engine the server runs: the profiler's own, choosing tokens by each request's sampling parameters and
+noting the log-probabilities of the tokens it chose for the requests that asked for them."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -7,6 +8,7 @@ import numpy as np
 
 from recipec.runtime.engine import Engine, Request
 from recipec.runtime.lm import sample
+from recipec.serve.logprobs import TokenLogprob, of_logits
 from recipec.serve.protocol import Sampling
 
 # Below this temperature a request is greedy. Dividing logits by a subnormal temperature overflows to inf,
@@ -22,6 +24,9 @@ class SamplingEngine(Engine):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._params: dict[int, Sampling] = {}
+        # The log-probabilities of the token a step just chose, by request id: written in _pick and taken by
+        # the request's on_token callback, which the engine calls on the same thread right after.
+        self._logprobs: dict[int, TokenLogprob] = {}
 
     def submit_sampled(self, prompt: Sequence[int], max_new_tokens: int, sampling: Sampling, **kwargs) -> Request:
         # The engine thread takes new requests under self._cond, an RLock: holding it here until the
@@ -33,6 +38,11 @@ class SamplingEngine(Engine):
 
     def forget(self, request: Request) -> None:
         self._params.pop(request.id, None)
+        self._logprobs.pop(request.id, None)
+
+    def take_logprob(self, request: Request) -> TokenLogprob | None:
+        """The log-probabilities of the token `request` was just given, when it asked for them (engine thread)."""
+        return self._logprobs.pop(request.id, None)
 
     def _pick(self, logits, rows: Sequence[Request]) -> np.ndarray:
         return np.array([self._choose(np.asarray(logits[i:i + 1]), r) for i, r in enumerate(rows)], dtype=np.int64)
@@ -40,5 +50,9 @@ class SamplingEngine(Engine):
     def _choose(self, logits: np.ndarray, request: Request) -> int:
         params = self._params.get(request.id)  # None once finished: a static batch still carries the row
         if params is None or params.temperature < TEMPERATURE_FLOOR:
-            return int(logits[0].argmax())
-        return int(sample(logits, params.temperature, params.top_k, params.top_p, params.rng)[0])
+            token = int(logits[0].argmax())
+        else:
+            token = int(sample(logits, params.temperature, params.top_k, params.top_p, params.rng)[0])
+        if params is not None and params.logprobs is not None:
+            self._logprobs[request.id] = of_logits(logits[0], token, params.logprobs)
+        return token
