@@ -106,7 +106,7 @@ def accuracy(answers: Sequence[str | None], expected: Sequence[str] | None) -> f
     """Exact matches (surrounding whitespace aside) over every question; an unparsed answer is wrong."""
     if expected is None or not answers:
         return None
-    return float(np.mean([a is not None and a == str(e).strip() for a, e in zip(answers, expected)]))
+    return float(np.mean([a is not None and a.strip() == str(e).strip() for a, e in zip(answers, expected)]))
 
 
 def failure_rate(answers: Sequence[str | None]) -> float | None:

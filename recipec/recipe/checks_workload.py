@@ -17,6 +17,8 @@ def workload_problems(recipe: Recipe) -> list[Problem]:
     serving = recipe.resolved["serving"]
     spec, task = serving["workload"].get("prompts"), serving.get("batch_prompting")
     problems = _task_problems(recipe, task, spec, serving["workload"]) if task else []
+    if serving["workload"].get("rate_rps") == "auto" and serving["workload"]["arrival"] != "poisson":
+        problems.append(recipe.problem((*WORKLOAD, "rate_rps"), "auto sweeps Poisson rates: set arrival: poisson"))
     if spec:
         problems += _prompts_problems(recipe, spec, (task or {}).get("answer_field"))
     return problems
