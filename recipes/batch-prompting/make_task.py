@@ -1,7 +1,8 @@
 """Writes the batch-prompting task of recipes/batch-prompting.yaml: a table of made-up words and their numbers,
 a training corpus that asks for them in the prompt format recipec's batch prompting sends (the recipe's four
 exemplars grouped k at a time, then k numbered questions, k from 1 to 6, each document ended by <|endoftext|>),
-and the questions with their answers.
+the questions with their answers, and prompts.jsonl: whole prompts of 1 to 6 questions with their output
+budgets, the workload of recipes/workload-sweep.yaml.
 
 The task is recall of a table the model was trained on, asked alone and batched: it tests whether the model
 answers numbered questions in a batch as well as one at a time, not whether it generalizes. The files are
@@ -20,7 +21,7 @@ sys.path.insert(0, str(HERE.parents[1]))  # the checkout's recipec, installed or
 from recipec.profile.batch_prompting import Template, pack  # noqa: E402
 
 INSTRUCTIONS = "Give the number of each word."
-WORDS, FILES, DOCS_PER_FILE, SEED = 24, 24, 40, 0
+WORDS, FILES, DOCS_PER_FILE, PROMPTS, SEED = 24, 24, 40, 64, 0
 EXEMPLARS = 4  # the recipe's template shows the first four words
 
 
@@ -54,6 +55,12 @@ def main() -> None:
     corpus.mkdir(exist_ok=True)
     for i in range(FILES):
         (corpus / f"part-{i:02d}.txt").write_text("".join(document(rng, words) for _ in range(DOCS_PER_FILE)))
+    with open(HERE / "prompts.jsonl", "w") as f:  # recipes/workload-sweep.yaml: prompts of 1 to 6 questions
+        for _ in range(PROMPTS):
+            questions = [rng.choice(list(words)[EXEMPLARS:]) for _ in range(rng.randint(1, 6))]
+            text = pack(questions, Template(INSTRUCTIONS, tuple(list(words.items())[:EXEMPLARS])))
+            # each answer line is at most 6 tokens ("\nA[2]: 46"), and one more ends the completion
+            f.write(json.dumps({"text": text, "max_tokens": 6 * len(questions) + 1}) + "\n")
     with open(HERE / "questions.jsonl", "w") as f:  # the exemplars' words are not asked
         for word, number in list(words.items())[EXEMPLARS:]:
             f.write(json.dumps({"question": word, "answer": number}) + "\n")
