@@ -119,6 +119,21 @@ def test_a_fake_clock_sweep_reports_one_run_per_rate_and_a_capacity():
     assert 20 < c["capacity_at_slo_rps"] < 80
 
 
+def test_gates_read_capacity_and_batch_prompting_per_variant_and_search_waits_for_them():
+    from recipec.profile.gates import evaluate_gates, validate_gate_metric
+    from recipec.profile.search import before_serving
+
+    report = {"variants": {"baseline": {"capacity_at_slo_rps": 3.0, "batch_prompting": {"accuracy_batched": 0.4}},
+                           "int8": {"capacity_at_slo_rps": None}}}
+    gates = [{"metric": "capacity_at_slo_rps", "min": 2.5}, {"metric": "batch_prompting.accuracy_batched", "min": 0.5,
+                                                             "variant": "baseline"}]
+    assert [(g["variant"], g["passed"], g["reason"]) for g in evaluate_gates(gates, report)] == [
+        ("int8", False, "capacity_at_slo_rps was not measured"), ("baseline", False, "0.4 is not ≥ 0.5")]
+    assert "unknown metric" in validate_gate_metric("batch_prompting.accuracy")
+    assert "serving metrics only" in validate_gate_metric("capacity_at_slo_rps@rate_rps=2")
+    assert before_serving(gates + [{"metric": "kl_divergence", "max": 1}]) == [{"metric": "kl_divergence", "max": 1}]
+
+
 # prompts from data
 
 def test_requests_take_the_prompts_in_file_order_with_their_own_output_lengths():
