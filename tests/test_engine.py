@@ -223,3 +223,27 @@ def test_same_seed_same_prompts():
     w = Workload(num_requests=3, prompt_len=(2, 9), output_len=(1, 5), seed=7)
     a, b = make_items(w, 1000, 3), make_items(w, 1000, 3)
     assert [(i.prompt, i.output_len) for i in a] == [(i.prompt, i.output_len) for i in b]
+
+
+def test_a_failed_prefill_fails_the_requests_it_took_and_the_engine_lives_on():
+    """Requests in a prefill that raises are neither queued nor rows yet: the engine thread must fail them, or
+    their callers wait forever (a server's request deadline was the only way out)."""
+    class FailingOnce(FakeModel):
+        def prefill(self, prompts):
+            if not self.calls:
+                self.calls.append(("prefill", len(prompts), 0.0))
+                raise RuntimeError("onnxruntime failed")
+            return super().prefill(prompts)
+
+    engine = Engine(FailingOnce(RealClock(), tick=lambda dt: None), Policy("continuous", max_batch_size=4))
+    engine.start()
+    try:
+        first = [engine.submit([1, 2], 3) for _ in range(2)]
+        assert all(r.done.wait(5) for r in first)
+        assert all(isinstance(r.error, RuntimeError) for r in first)
+        later = engine.submit([3], 2)
+        assert later.done.wait(5) and later.error is None and later.tokens == [4, 5]
+        assert engine.alive
+    finally:
+        engine.stop()
+    assert not engine.alive

@@ -95,8 +95,12 @@ def test_moe_active_parameters_count_the_experts_a_token_uses(exported, tiny_mod
 
 def test_support_files_are_copied(exported, tiny_model_dir):
     variant = exported("llama")[0]
-    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+    for name in ("config.json", "generation_config.json", "tokenizer.json"):
         assert (variant / name).read_bytes() == (tiny_model_dir("llama") / name).read_bytes(), name
+    # the tokenizer config also names the graph's inputs (tests/test_tokenizer_inputs.py)
+    source = json.loads((tiny_model_dir("llama") / "tokenizer_config.json").read_text())
+    assert json.loads((variant / "tokenizer_config.json").read_text()) == {
+        **source, "model_input_names": ["input_ids", "attention_mask"]}
 
 
 def test_logits_to_keep_is_an_optional_input(exported):

@@ -61,8 +61,9 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(build):
     port = _free_port()
+    # One client fills the whole queue here (fairness between clients is tests/test_serve_hardening.py's).
     proc = subprocess.Popen([sys.executable, "-m", "recipec.cli", "serve", str(build), "--port", str(port),
-                             "--max-queue", "2"],
+                             "--max-queue", "2", "--max-queue-per-client", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -5,6 +5,8 @@ distribution; the recipe's serving.speculative and `recipec run --speculative`."
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import jsonschema
 import numpy as np
@@ -281,3 +283,30 @@ serving:
                for m in caught.value.messages())
     recipe.write_text(recipe.read_text().replace("draft: smal}", "draft: small}"))
     assert load_plan(recipe).variants == {"baseline": "baseline", "small": "small"}
+
+
+def test_profiler_measures_speculation_against_plain_decoding(variants, lms, tmp_path):
+    """The report's speculative section: ngram on the small-vocabulary model (whose text repeats), and a draft
+    found beside the variant by name; both lossless, their entries valid against the report schema."""
+    from recipec.profile.profiler import _speculative
+    from recipec.profile.markdown import _speculative_md
+
+    schema = json.loads((Path(__file__).parents[1] / "recipec/schemas/report.schema.json").read_text())
+    windows = np.array([PROMPTS[0] + PROMPTS[0][:2]] * 2, dtype=np.int64)  # 16 tokens: prompts of 8
+    serving = {"speculative": {"method": "ngram", "tokens": 4}, "workload": {"output_tokens": 24}}
+    entry = _speculative(lms["small_vocab"], variants["small_vocab"], serving, windows, lambda s: None)
+    assert entry["identical_greedy"] is True and entry["prompts"] == 2 and entry["new_tokens"] == 24
+    assert entry["prompt_tokens"] == 8 and 1.0 <= entry["tokens_per_target_step"] <= 5.0
+    assert entry["acceptance_rate"] is not None and entry["tpot_ratio"] > 0
+    jsonschema.validate(entry, schema["$defs"]["variant"]["properties"]["speculative"])
+    build = tmp_path / "variants"
+    for name in ("llama", "other"):
+        shutil.copytree(variants[name], build / name)
+    drafted = _speculative(lms["llama"], build / "llama", {"speculative": {"method": "draft", "tokens": 3,
+                                                                           "draft": "other"}}, windows, print)
+    assert drafted["identical_greedy"] is True and drafted["draft"] == "other"
+    assert _speculative(lms["other"], build / "other", {"speculative": {"method": "draft", "draft": "other"}},
+                        windows, print) is None  # the draft itself is not measured against itself
+    assert _speculative(lms["llama"], build / "llama", {}, windows, print) is None
+    markdown = "\n".join(_speculative_md({"variants": {"small_vocab": {"speculative": entry}}}))
+    assert "## Speculative decoding" in markdown and "ngram K=4" in markdown and "Measured: batch 1" in markdown

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import socket
+import sys
 from pathlib import Path
 
 from recipec.cli.common import EXIT_OK, override_policy, run_guarded
@@ -11,8 +13,13 @@ from recipec.core import console
 from recipec.core.builddir import command_manifest
 from recipec.errors import UsageError
 from recipec.runtime.engine import POLICIES, policy_from_serving
-from recipec.serve.app import run_server
-from recipec.serve.service import DEFAULT_MAX_QUEUE, build_service
+from recipec.serve.guard import LOOPBACK_NAMES, Access
+from recipec.serve.limits import DEFAULT_MAX_QUEUE, Limits
+from recipec.serve.server import run_server
+from recipec.serve.service import build_service
+
+API_KEY_ENV = "RECIPEC_API_KEY"
+_DEFAULTS = Limits()
 
 
 def register(sub) -> None:
@@ -28,27 +35,112 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                    help=f"requests that may wait for a batch slot; past it, 429 (default {DEFAULT_MAX_QUEUE})")
+    p.add_argument("--max-queue-per-client", type=int,
+                   help="requests one client (API key, else address) may have waiting; past it, 429 "
+                        "(default: half of --max-queue)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the recipe's serving.device")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: the recipe's)")
     p.add_argument("--policy", choices=list(POLICIES), help="batching policy (default: the recipe's)")
     p.add_argument("--max-batch-size", type=int, help="default: the recipe's")
     p.add_argument("--max-wait-ms", type=float, help="dynamic batching's wait (default: the recipe's)")
+    _hardening_arguments(p)
+
+
+def _hardening_arguments(p: argparse.ArgumentParser) -> None:
+    d = _DEFAULTS
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help=f"require 'Authorization: Bearer KEY' on /v1/*; repeat for one key per client "
+                        f"(default: ${API_KEY_ENV}, comma-separated keys; none: no authentication)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="HOST",
+                   help="a Host header the server answers to; repeat for more, '*' for any (default: the "
+                        "loopback names when --host is loopback, else any)")
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
+                   help=f"largest request body; past it, 413 before reading it (default {d.max_body_bytes})")
+    p.add_argument("--max-prompt-chars", type=int,
+                   help="longest text prompt, checked before tokenizing (default: 32 x the context length)")
+    p.add_argument("--max-connections", type=int, default=d.max_connections,
+                   help=f"open connections; past it, 503 (default {d.max_connections})")
+    p.add_argument("--header-timeout", type=float, default=d.header_timeout,
+                   help=f"seconds for a request's headers to arrive (default {d.header_timeout:g})")
+    p.add_argument("--body-timeout", type=float, default=d.body_timeout,
+                   help=f"seconds for a request's body to arrive; past it, 408 (default {d.body_timeout:g})")
+    p.add_argument("--keep-alive-timeout", type=int, default=d.keep_alive_timeout,
+                   help=f"seconds an idle connection stays open (default {d.keep_alive_timeout})")
+    p.add_argument("--request-timeout", type=float, default=d.request_timeout,
+                   help=f"seconds a request may take from admission to its last token; past it, 504 or an SSE "
+                        f"error event (default {d.request_timeout:g})")
+    p.add_argument("--shutdown-grace", type=float, default=d.shutdown_grace,
+                   help=f"seconds running requests may finish after SIGTERM/SIGINT (default {d.shutdown_grace:g})")
+    p.add_argument("--access-log", metavar="PATH",
+                   help="append one JSON line per request to PATH ('-': stdout); default: no access log")
+    p.add_argument("--openapi", action="store_true", help="serve the OpenAI-style schema at /openapi.json")
 
 
 def cmd_serve(args) -> int:
-    if args.max_queue < 0:
-        raise UsageError("--max-queue must be >= 0")
+    limits = _limits(args)
+    access = Access(_allowed_hosts(args.host, args.allowed_host), _api_keys(args.api_key))
     _check_port(args.host, args.port)
     serving = command_manifest(args.build_dir, [args.variant])["recipe"]["resolved"].get("serving", {})
     policy = override_policy(policy_from_serving(serving), args, "serve")
-    service = build_service(args.build_dir, args.variant, policy, args.device, args.threads, args.max_queue)
-    if not _loopback(args.host):
-        console.warn(f"listening on {args.host}: reachable from other machines, with no authentication")
-    console.say(f"serving {service.spec.name} on http://{args.host}:{args.port} ({policy.batching} "
-                f"batching, max batch {policy.max_batch_size}, max queue {args.max_queue}); Ctrl-C stops")
-    run_server(service, args.host, args.port)
+    log = _access_log(args.access_log)  # before loading the model: a bad path fails at once
+    try:
+        service = build_service(args.build_dir, args.variant, policy, args.device, args.threads, args.max_queue,
+                                args.max_queue_per_client, limits.request_timeout)
+        if not _loopback(args.host):
+            console.warn(f"listening on {args.host}: reachable from other machines, "
+                         + ("without TLS: put a TLS proxy in front (docs/deploy.md)" if access.api_keys
+                            else "with no authentication (--api-key) and no TLS (docs/deploy.md)"))
+        console.say(f"serving {service.spec.name} on http://{args.host}:{args.port} ({policy.batching} "
+                    f"batching, max batch {policy.max_batch_size}, max queue {args.max_queue}, "
+                    f"{service.per_client} per client{', API keys on' if access.api_keys else ''}); Ctrl-C stops")
+        run_server(service, args.host, args.port, limits, access, args.openapi, log)
+    finally:
+        if log is not None and log is not sys.stdout:
+            log.close()
     console.say("stopped")
     return EXIT_OK
+
+
+def _limits(args) -> Limits:
+    if args.max_queue < 0:
+        raise UsageError("--max-queue must be >= 0")
+    if args.max_queue_per_client is not None and args.max_queue_per_client < 1:
+        raise UsageError("--max-queue-per-client must be >= 1")
+    limits = Limits(args.max_body_bytes, args.max_prompt_chars, args.header_timeout, args.body_timeout,
+                    args.keep_alive_timeout, args.request_timeout, args.max_connections, args.shutdown_grace)
+    problems = limits.check()
+    if problems:
+        raise UsageError("; ".join(problems))
+    return limits
+
+
+def _api_keys(given: list[str]) -> tuple[str, ...]:
+    keys = given or [k for k in os.environ.get(API_KEY_ENV, "").split(",")]
+    keys = [k.strip() for k in keys if k.strip()]
+    bad = [k for k in keys if any(c.isspace() or not c.isprintable() or not c.isascii() for c in k)]
+    if bad:
+        raise UsageError(f"an API key must be printable ASCII without spaces (one of --api-key/${API_KEY_ENV} is not)")
+    return tuple(keys)
+
+
+def _allowed_hosts(host: str, given: list[str]) -> frozenset[str] | None:
+    if "*" in given:
+        return None
+    if given:
+        return frozenset(h.strip().lower().strip("[]") for h in given)
+    # Loopback: a browser on this machine is the only client, and DNS rebinding its way in sends another name.
+    return LOOPBACK_NAMES | {host.lower().strip("[]")} if _loopback(host) else None
+
+
+def _access_log(path: str | None):
+    if path is None:
+        return None
+    if path == "-":
+        return sys.stdout
+    try:
+        return open(path, "a", encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot open the access log {path}: {exc.strerror or exc}") from None
 
 
 def _check_port(host: str, port: int) -> None:

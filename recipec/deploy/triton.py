@@ -159,10 +159,21 @@ def _header(name: str, policy: Policy, device: str, artifact: dict[str, Any]) ->
         f"# Optional graph inputs ({optional}) are initializers with a default; they are not listed because the",
         "# onnxruntime backend refuses optional inputs on a model that batches, so they keep their default",
         "# (logits_to_keep 0: logits of every position; a client reads the last one).",
+        *_runtime_lines(artifact),
         f'name: "{name}"',
         'backend: "onnxruntime"',
         f"max_batch_size: {policy.max_batch_size}",
     ]
+
+
+def _runtime_lines(artifact: dict[str, Any]) -> list[str]:
+    """The onnxruntime the backend must carry: Triton's onnxruntime backend bundles its own, often older."""
+    needs = artifact.get("requires")
+    if needs is None:
+        return ["# artifact.json does not record the onnxruntime this graph needs; rebuild the variant to find out."]
+    because = f" ({'; '.join(needs['because'])})" if needs["because"] else ""
+    return [f"# The graph needs onnxruntime >= {needs['onnxruntime']}{because}: this Triton's onnxruntime backend",
+            "# must carry that release or a newer one; target_onnxruntime builds for an older one (docs/deploy.md)."]
 
 
 def _dims(shape: Sequence[Any]) -> list[int]:

@@ -14,6 +14,9 @@ Sections:
   parameter count, MoE active parameters and the embedding tables (see `weight_stats`).
 - compute_dtype: per device, the dtype most of the matmul weights are multiplied in (see `compute_dtypes`).
 - verification: the export's check against PyTorch (null on variants nobody compared).
+- requires: the oldest onnxruntime that runs the graph(s), the operators outside the ONNX standard with their
+  domains, input counts and attributes, the IR version and opsets, and what an older operator form cannot do
+  (see recipec.onnx.requires, which holds the facts); checked against this environment's onnxruntime.
 - phases (phase-split variants only, docs/phase-split.md): the graph each phase runs, {"decode": {"file":
   "model.onnx"}, "prefill": {"file": "prefill.onnx", external_data, weights, compute_dtype}}; every other
   section describes model.onnx, the decode graph, whose KV layout and logits the prefill graph shares.
@@ -33,8 +36,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from recipec.core.files import TOKENIZER_FILES
+from recipec.core.files import MODEL_INPUT_NAMES, TOKENIZER_FILES
 from recipec.errors import PassError
+from recipec.onnx import requires
 
 FORMAT = 1
 MODEL_FILE = "model.onnx"
@@ -66,13 +70,26 @@ _NOT_WEIGHTS = {TensorProto.INT64, TensorProto.INT32, TensorProto.BOOL, TensorPr
 
 
 def copy_support_files(src_dir: Path, dst_dir: Path) -> list[str]:
-    """Copy the config, generation config and tokenizer files that `src_dir` has; returns their names."""
+    """Copy the config, generation config and tokenizer files that `src_dir` has; returns their names. The
+    tokenizer config names the inputs the graph takes (`model_input_names`), whatever the source said."""
     copied = []
     for name in SUPPORT_FILES:
         if (Path(src_dir) / name).is_file():
             shutil.copyfile(Path(src_dir) / name, Path(dst_dir) / name)
             copied.append(name)
+    if "tokenizer_config.json" in copied:
+        _declare_model_inputs(Path(dst_dir) / "tokenizer_config.json")
     return copied
+
+
+def _declare_model_inputs(path: Path) -> None:
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise PassError(f"{path} is not valid JSON ({exc}); fix the model's tokenizer_config.json") from None
+    if config.get("model_input_names") != list(MODEL_INPUT_NAMES):
+        config["model_input_names"] = list(MODEL_INPUT_NAMES)
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def read_artifact(variant_dir: Path | str) -> dict[str, Any]:
@@ -121,9 +138,13 @@ def write_artifact_json(variant_dir: Path | str, model_dir_or_config: Any = None
         "compute_dtype": compute_dtypes(proto),
         "verification": verification,
     }
+    graphs = [proto]
     if phases:
         artifact["phases"] = {"decode": {"file": phases["decode"]},
                               "prefill": _phase_graph(variant_dir, phases["prefill"], model)}
+        graphs.append(_load_graph(variant_dir / phases["prefill"]))
+    artifact["requires"] = requires.derive(graphs)
+    requires.check_installed(artifact["requires"])
     (variant_dir / ARTIFACT_FILE).unlink(missing_ok=True)
     artifact["files"] = _files(variant_dir)
     (variant_dir / ARTIFACT_FILE).write_text(json.dumps(artifact, indent=2, sort_keys=True) + "\n")

@@ -96,6 +96,19 @@ def _placement_md(report: dict[str, Any]) -> list[str]:
             table(["variant", "device", "ops on the CPU", "nodes", "allowed"], rows), ""]
 
 
+def _speculative_md(report: dict[str, Any]) -> list[str]:
+    rows = [[f"**{name}**", f"{s['method']} K={s['tokens']}" + (f" ({s['draft']})" if s.get("draft") else ""),
+             "yes" if s["identical_greedy"] else "**no**", fmt(s["acceptance_rate"]), fmt(s["tokens_per_target_step"]),
+             fmt(s["tpot_ms"]["plain"]), fmt(s["tpot_ms"]["speculative"]), fmt(s["tpot_ratio"])]
+            for name, v in report["variants"].items() if (s := v.get("speculative"))]
+    if not rows:
+        return []
+    how = next(v["speculative"]["how"] for v in report["variants"].values() if v.get("speculative"))
+    return ["## Speculative decoding", "", how[0].upper() + how[1:] + ".", "",
+            table(["variant", "proposer", "same greedy output", "acceptance", "tokens / target step",
+                   "TPOT plain ms", "TPOT speculative ms", "ratio"], rows), ""]
+
+
 def _gates_md(report: dict[str, Any]) -> list[str]:
     if not report["gates"]:
         return ["## Gates", "", "No gates in the recipe.", ""]
@@ -136,7 +149,8 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"{report.get('created_at', '')}.", "", *_hardware_md(report), *_variants_md(report),
              *_placement_md(report),
              "## Serving", "", "Changes in parentheses are against `baseline` on the same run.", "",
-             *_serving_md(report), *capacity_md(report), *batch_prompting_md(report), *search_md(report), *projections_md(report), *_gates_md(report),
+             *_serving_md(report), *_speculative_md(report), *capacity_md(report), *batch_prompting_md(report),
+             *search_md(report), *projections_md(report), *_gates_md(report),
              *_build_md(report)]
     if plots:
         lines += ["## Plots", ""] + [f"![{k}]({p})" for k, p in plots.items() if k != "pareto"] + [""]

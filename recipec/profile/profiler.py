@@ -250,10 +250,25 @@ def measure_quality(variant_dir: Path, serving_spec: dict[str, Any], device: str
     log("evaluating quality")
     model = load_model(variant_dir, device, int(serving_spec.get("threads", 0)))
     quality = evaluate_quality(model, eval_tokens, source_logits, source_greedy)
+    speculative = _speculative(model, variant_dir, serving_spec, eval_tokens, log)
     del model
     release()
-    return {"artifact": artifact_section(variant_dir, art, model_cost(art), device, hardware), "quality": quality,
-            "serving": [], "load_seconds": None}
+    entry = {"artifact": artifact_section(variant_dir, art, model_cost(art), device, hardware), "quality": quality,
+             "serving": [], "load_seconds": None}
+    return {**entry, "speculative": speculative} if speculative else entry
+
+
+def _speculative(model, variant_dir: Path, serving_spec: dict[str, Any], eval_tokens,
+                 log: Callable[[str], None]) -> dict[str, Any] | None:
+    """serving.speculative measured on this variant (not on the draft itself), where there are eval windows."""
+    from recipec.profile.speculative import measure_speculative
+    from recipec.runtime.speculative import SpecConfig
+
+    spec = SpecConfig.from_serving(serving_spec)
+    if spec is None or eval_tokens is None or variant_dir.name == spec.draft:
+        return None
+    log(f"speculative decoding ({spec.method}, K={spec.tokens}) against plain decoding, batch 1")
+    return measure_speculative(model, variant_dir, spec, eval_tokens, serving_spec)
 
 
 def finish_serving(entry: dict[str, Any], raw: dict[str, Any], variant_dir: Path, serving_spec: dict[str, Any],

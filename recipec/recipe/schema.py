@@ -131,7 +131,9 @@ def _serving_section() -> dict[str, Any]:
                 "type": "object", "additionalProperties": False, "required": ["method"],
                 "description": "Speculative decoding (docs/speculative.md) in `recipec run`: a proposer guesses "
                                "`tokens` tokens, the variant verifies them in one forward; lossless (greedy "
-                               "output is the variant's own). The profiler and `recipec serve` do not use it yet.",
+                               "output is the variant's own). The profiler measures it at batch 1 against plain "
+                               "decoding (report variants.<v>.speculative); the serving engine and `recipec "
+                               "serve` do not speculate yet.",
                 "properties": {
                     "method": {"enum": ["ngram", "draft"],
                                "description": "ngram: prompt lookup in the sequence so far; draft: a second "

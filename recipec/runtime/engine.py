@@ -159,6 +159,7 @@ class Engine:
         self._cache: Any = None
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._prefilling: list[Request] = []
 
     # ---- submission (any thread) ----
     def submit(self, prompt: Sequence[int], max_new_tokens: int, *, ignore_eos: bool = True,
@@ -264,8 +265,11 @@ class Engine:
         return np.asarray(logits).argmax(axis=-1)
 
     def _prefill(self, reqs: list[Request]) -> None:
+        # Taken off the queue and not yet rows: a failed prefill must fail them here, or no one would.
+        self._prefilling = reqs
         tokens, cache = self._run("prefill", lambda: self.model.prefill([r.prompt for r in reqs]),
                                   [len(r.prompt) for r in reqs], max(len(r.prompt) for r in reqs), reqs)
+        self._prefilling = []
         self._emit(reqs, tokens, self.clock.now())
         if self.policy.batching != "continuous":
             self._rows, self._cache = list(reqs), cache
@@ -328,6 +332,11 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, args=(flush_static,), name="recipec-engine", daemon=True)
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        """The scheduler thread runs (what a server's liveness probe asks)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self) -> None:
         with self._cond:
             self._stopping = True
@@ -350,6 +359,6 @@ class Engine:
                     self._cond.wait(None if wake is None else max(0.0, wake - self.clock.now()))
 
     def _fail_all(self, exc: BaseException) -> None:
-        for r in list(self._rows) + list(self._waiting):
+        for r in list(self._prefilling) + list(self._rows) + list(self._waiting):
             self._finish(r, exc)
-        self._rows, self._cache, self._waiting = [], None, deque()
+        self._rows, self._cache, self._waiting, self._prefilling = [], None, deque(), []

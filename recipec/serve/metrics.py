@@ -10,6 +10,10 @@ from recipec.runtime.engine import Request
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 TPOT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
+# Why a request was refused before admission: its queue (all of it, or its client's share), a bad request
+# (400, 415, a Host not allowed), a body over --max-body-bytes (413), no valid API key (401), a body or
+# header that did not arrive in time (408), or a server shutting down (503).
+REJECTIONS = ("queue_full", "client_queue_full", "invalid", "too_large", "unauthorized", "timeout", "shutting_down")
 
 
 class Histogram:
@@ -35,7 +39,7 @@ class Metrics:
     def __init__(self):
         self.lock = threading.Lock()
         self.finished = {reason: 0 for reason in ("stop", "length", "cancelled", "error")}
-        self.rejected = {reason: 0 for reason in ("queue_full", "invalid")}
+        self.rejected = {reason: 0 for reason in REJECTIONS}
         self.prompt_tokens = self.generation_tokens = 0
         self.ttft, self.tpot, self.e2e = Histogram(TTFT_BUCKETS), Histogram(TPOT_BUCKETS), Histogram(E2E_BUCKETS)
 

@@ -1,6 +1,7 @@
 """What a /v1/completions request may say, validated into a Completion, and OpenAI's error shape."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,17 +14,30 @@ _NO_OP = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False), "logprobs
           "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0)}
 
 
-class ApiError(RecipecError):
-    """An HTTP error answered in OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+# OpenAI's error types by status; anything else is a server_error.
+_ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error",
+                405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
+                415: "invalid_request_error", 421: "invalid_request_error", 429: "rate_limit_error"}
 
-    def __init__(self, status: int, message: str, param: str | None = None):
+
+class ApiError(RecipecError):
+    """An HTTP error answered in OpenAI's error shape: {"error": {"message", "type", "param", "code"}}.
+    Every error the server answers goes through this one shape (see `content`)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
+        self.headers = dict(headers or {})
+        if status in (429, 503) and "Retry-After" not in self.headers:
+            self.headers["Retry-After"] = "1"
 
     def body(self) -> dict[str, Any]:
-        kind = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error"}.get(self.status,
-                                                                                                   "server_error")
+        kind = _ERROR_TYPES.get(self.status, "server_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.status}}
+
+    def content(self) -> bytes:
+        # ASCII-escaped: a message quoting the client's text may hold a lone surrogate, which UTF-8 cannot encode.
+        return json.dumps(self.body(), ensure_ascii=True).encode()
 
 
 @dataclass
@@ -46,6 +60,7 @@ class Completion:
     stream: bool = False
     ignore_eos: bool = False
     include_usage: bool = False
+    text: str | None = None  # a text prompt until it is tokenized (off the event loop) into `prompt`
 
 
 @dataclass
@@ -57,8 +72,9 @@ class ModelSpec:
     tokenizer: Any = None  # has encode(text) -> ids and decode(ids) -> text, or None
 
 
-def parse_completion(body: Any, spec: ModelSpec) -> Completion:
-    """Validate a /v1/completions body; ApiError(400) names the first bad field."""
+def parse_completion(body: Any, spec: ModelSpec, max_prompt_chars: int | None = None) -> Completion:
+    """Validate a /v1/completions body; ApiError(400) names the first bad field. A text prompt is checked
+    (length, valid Unicode) but not tokenized: the caller tokenizes `text` and calls `set_prompt`."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     model = body.get("model")
@@ -71,38 +87,56 @@ def parse_completion(body: Any, spec: ModelSpec) -> Completion:
         raise ApiError(400, "stop sequences are not supported by this server", "stop")
     if body.get("logit_bias") not in (None, {}):
         raise ApiError(400, "logit_bias is not supported by this server", "logit_bias")
-    prompt = _prompt_ids(body.get("prompt"), spec)
+    prompt = _prompt(body.get("prompt"), spec, max_prompt_chars)
     max_tokens = _integer(body, "max_tokens", 16, minimum=1)
-    if spec.context_length and len(prompt) + max_tokens > spec.context_length:
-        raise ApiError(400, f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
-                            f"context length of {spec.context_length} tokens", "max_tokens")
     sampling = Sampling(_number(body, "temperature", 1.0, 0.0, 2.0), _top_p(body), _top_k(body), _seed(body))
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise ApiError(400, "stream_options must be an object", "stream_options")
-    return Completion(prompt, max_tokens, sampling, _boolean(body, "stream"), _boolean(body, "ignore_eos"),
-                      bool(options.get("include_usage", False)))
+    completion = Completion([], max_tokens, sampling, _boolean(body, "stream"), _boolean(body, "ignore_eos"),
+                            _include_usage(body))
+    if isinstance(prompt, str):
+        completion.text = prompt
+        return completion
+    return set_prompt(completion, prompt, spec)
 
 
-def _prompt_ids(prompt: Any, spec: ModelSpec) -> list[int]:
+def set_prompt(completion: Completion, ids: list[int], spec: ModelSpec) -> Completion:
+    """The completion with its prompt's token ids, checked against the context length."""
+    if not ids:
+        raise ApiError(400, "prompt must hold at least one token", "prompt")
+    if spec.context_length and len(ids) + completion.max_tokens > spec.context_length:
+        raise ApiError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({completion.max_tokens}) exceeds the "
+                            f"model's context length of {spec.context_length} tokens", "max_tokens")
+    completion.prompt, completion.text = ids if isinstance(ids, list) else list(ids), None
+    return completion
+
+
+def _prompt(prompt: Any, spec: ModelSpec, max_chars: int | None) -> list[int] | str:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one prompt, as OpenAI clients send it
     if isinstance(prompt, str):
-        if spec.tokenizer is None:
-            raise ApiError(400, "this variant has no tokenizer: send the prompt as a list of token ids", "prompt")
-        ids = spec.tokenizer.encode(prompt)
-    elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        ids = list(prompt)
-        bad = [t for t in ids if not 0 <= t < spec.vocab_size]
+        return _text(prompt, spec, max_chars)
+    if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        bad = [t for t in prompt if not 0 <= t < spec.vocab_size]
         if bad:
             raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{spec.vocab_size - 1})", "prompt")
-    elif prompt is None:
+        return list(prompt)
+    if prompt is None:
         raise ApiError(400, "prompt is required", "prompt")
-    else:
-        raise ApiError(400, "prompt must be a string or a list of token ids (one prompt per request)", "prompt")
-    if not ids:
-        raise ApiError(400, "prompt must hold at least one token", "prompt")
-    return ids
+    raise ApiError(400, "prompt must be a string or a list of token ids (one prompt per request)", "prompt")
+
+
+def _text(text: str, spec: ModelSpec, max_chars: int | None) -> str:
+    """A text prompt that can be tokenized: these checks are O(length) and cheap, tokenizing is not."""
+    if spec.tokenizer is None:
+        raise ApiError(400, "this variant has no tokenizer: send the prompt as a list of token ids", "prompt")
+    if max_chars is not None and len(text) > max_chars:
+        raise ApiError(400, f"the prompt has {len(text)} characters; this server accepts at most {max_chars} "
+                            f"(--max-prompt-chars)", "prompt")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # JSON's \ud800 escapes decode to lone surrogates, which are not text
+        raise ApiError(400, f"the prompt holds a lone UTF-16 surrogate (U+{ord(text[exc.start]):04X}) at character "
+                            f"{exc.start}: it is not valid Unicode", "prompt") from None
+    return text
 
 
 def _integer(body: dict[str, Any], name: str, default: int, minimum: int) -> int:
@@ -144,8 +178,17 @@ def _seed(body: dict[str, Any]) -> int | None:
     return value
 
 
-def _boolean(body: dict[str, Any], name: str) -> bool:
+def _boolean(body: dict[str, Any], name: str, param: str | None = None) -> bool:
     value = body.get(name, False)
     if not isinstance(value, bool):
-        raise ApiError(400, f"{name} must be true or false, got {value!r}", name)
+        raise ApiError(400, f"{param or name} must be true or false, got {value!r}", param or name)
     return value
+
+
+def _include_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise ApiError(400, f"stream_options must be an object, got {options!r}", "stream_options")
+    return _boolean(options, "include_usage", "stream_options.include_usage")

@@ -9,6 +9,10 @@ from recipec.runtime.engine import Engine, Request
 from recipec.runtime.lm import sample
 from recipec.serve.protocol import Sampling
 
+# Below this temperature a request is greedy. Dividing logits by a subnormal temperature overflows to inf,
+# and inf - inf is NaN, which picked token 0 (EOS) every time; vLLM uses the same epsilon.
+TEMPERATURE_FLOOR = 1e-5
+
 
 class SamplingEngine(Engine):
     """The profiler's Engine, choosing each row's token by its request's sampling parameters (the rows of a
@@ -35,6 +39,6 @@ class SamplingEngine(Engine):
 
     def _choose(self, logits: np.ndarray, request: Request) -> int:
         params = self._params.get(request.id)  # None once finished: a static batch still carries the row
-        if params is None or params.temperature == 0:
+        if params is None or params.temperature < TEMPERATURE_FLOOR:
             return int(logits[0].argmax())
         return int(sample(logits, params.temperature, params.top_k, params.top_p, params.rng)[0])

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from recipec.core.files import MODEL_INPUT_NAMES
 from recipec.errors import PassError
 
 Split = Literal["train", "eval"]
@@ -174,6 +175,7 @@ def _write_compatible_config(out_dir: Path) -> None:
     config = json.loads(config_path.read_text())
     # transformers 5 writes its own class name "TokenizersBackend", which 4.x cannot resolve.
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config["model_input_names"] = list(MODEL_INPUT_NAMES)
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     special = out_dir / "special_tokens_map.json"
     if not special.exists():

@@ -23,8 +23,8 @@ import onnxruntime as ort
 from recipec.core.memory import release
 from recipec.core.params import prop
 from recipec.onnx import artifact
-from recipec.onnx.fusions import pipeline
-from recipec.onnx import sessions
+from recipec.onnx.fusions import compat, pipeline
+from recipec.onnx import requires, sessions
 from recipec.onnx.fusions._utils import contrib_ops, op_counts
 from recipec.passes.base import CheckContext, Pass, PassError, StageContext, kv_cache_last
 
@@ -78,6 +78,7 @@ PARAMS: dict[str, Any] = {
                           "holds float16 weights (reordered half-precision sums differ by more).",
                           exclusiveMinimum=0),
         "seed": prop("integer", 0, "Seed of the check inputs."),
+        "target_onnxruntime": compat.TARGET_PROPERTY,
     },
 }
 
@@ -133,7 +134,8 @@ def _check(params: dict[str, Any], source: Path, target: Path, tolerance: float)
     # A shared-buffer graph reads padding as right-padding (genai's convention), so its check runs unpadded;
     # the runtime's slots, which pad on the right, are checked against transformers in tests/test_slots.py.
     left_pad = 0 if params["kv_buffer"] == "shared" else 3
-    diffs = sessions.max_logit_diffs(reference, candidate, params["seed"], pad=left_pad)
+    diffs = sessions.max_logit_diffs(reference, candidate, params["seed"], pad=left_pad,
+                                     batched_chunk=compat.batched_chunks(target))
     worst = max(diffs, key=diffs.get)
     if diffs[worst] > tolerance:
         raise PassError(f"fuse: the fused graph differs from its input by {diffs[worst]:.3g} in {worst} "
@@ -155,7 +157,10 @@ def _external(source: Path, model: ir.Model) -> bool:
 
 
 def apply(ctx: StageContext) -> dict[str, Any]:
-    params = ctx.params
+    target_ort = compat.effective_target(ctx.params["target_onnxruntime"])
+    params = {**ctx.params, "target_onnxruntime": target_ort,
+              "attention": compat.attention_choice(ctx.params["attention"], target_ort, ctx.log,
+                                                   shared_buffer=ctx.params["kv_buffer"] == "shared")}
     source = ctx.input_dir / "model.onnx"
     if not source.exists():
         raise PassError(f"fuse: {source} does not exist; fuse consumes an exported ONNX variant")
@@ -173,6 +178,7 @@ def apply(ctx: StageContext) -> dict[str, Any]:
         del model  # onnxruntime's session is the one copy of the weights from here
         release()
         target = _save_optimized(Path(scratch) / "model.onnx", external, params, ctx)
+        compat.rewrite_saved(target, params["target_onnxruntime"], ctx.log)
     release()
     with ctx.progress("checking fused graph", total=None):
         diffs = _check(params, source, target, tolerance)
@@ -182,12 +188,13 @@ def apply(ctx: StageContext) -> dict[str, Any]:
         raise PassError("fuse: kv_buffer: shared needs GroupQueryAttention, and no attention block matched; "
                         "use kv_buffer: growing for this model")
     artifact.copy_support_files(ctx.input_dir, ctx.output_dir)
-    artifact.write_artifact_json(ctx.output_dir, base=base)
+    written = artifact.write_artifact_json(ctx.output_dir, base=base)
+    requires.check_target(written["requires"], params["target_onnxruntime"], "fuse")
     return _metrics(params, before, after, contrib, applied, diffs, tolerance)
 
 
 def check(params: dict[str, Any], ctx: CheckContext) -> list[tuple[tuple, str]]:
-    problems = kv_cache_last(ctx, "fuse")
+    problems = kv_cache_last(ctx, "fuse") + compat.fuse_problems(params)
     if params["kv_buffer"] != "shared":
         return problems
     if params["attention"] in ("mha", "none"):
@@ -203,6 +210,7 @@ def _metrics(params, before: dict[str, int], after: dict[str, int], contrib: set
     fused_ops = {op: after[op] - before.get(op, 0) for op in sorted(contrib) if after[op] > before.get(op, 0)}
     return {
         "level": params["level"], "provider": params["provider"], "attention": params["attention"],
+        "target_onnxruntime": params["target_onnxruntime"],
         "kv_buffer": params["kv_buffer"],
         "nodes_before": sum(before.values()), "nodes_after": sum(after.values()),
         "ops_before": before, "ops_after": after,

@@ -26,7 +26,8 @@ import onnx
 import onnx_ir as ir
 
 from recipec.core.params import NO_DEFAULT, prop
-from recipec.onnx import artifact, inspect, sessions
+from recipec.onnx import artifact, inspect, requires, sessions
+from recipec.onnx.fusions import compat
 from recipec.passes.base import CheckContext, Pass, PassError, StageContext, kv_cache_last
 from recipec.passes.onnx import quantize_embeddings as embeddings
 from recipec.passes.onnx import quantize_fidelity as fidelity
@@ -52,7 +53,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
 INT8_EMBEDDING_BLOCK, INT8_HEAD_ACCURACY = 32, 4
 # Every scheme's keys; the rest are its options (OPTIONS), which have no schema default so that one given
 # for another scheme can be told apart from one left out.
-COMMON_KEYS = frozenset({"scheme", "exclude", "max_kl", "min_top1"})
+COMMON_KEYS = frozenset({"scheme", "exclude", "max_kl", "min_top1", "target_onnxruntime"})
 
 PARAMS: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -96,6 +97,7 @@ PARAMS: dict[str, Any] = {
                                                    "windows; null = the scheme's default "
                                                    + ", ".join(f"{s} {b[1]}" for s, b in BOUNDS.items()) + ".",
                          minimum=0, maximum=1),
+        "target_onnxruntime": compat.TARGET_PROPERTY,
     },
 }
 
@@ -108,7 +110,7 @@ def option_problems(params: dict[str, Any]) -> list[tuple[tuple, str]]:
 
 
 def check(params: dict[str, Any], ctx: CheckContext) -> list[tuple[tuple, str]]:
-    return option_problems(params) + kv_cache_last(ctx, "quantize")
+    return option_problems(params) + compat.quantize_problems(params) + kv_cache_last(ctx, "quantize")
 
 
 def _options(params: dict[str, Any]) -> dict[str, Any]:
@@ -196,10 +198,12 @@ def _evaluate(params: dict[str, Any], target: Path, reference: fidelity.Referenc
 
 
 def apply(ctx: StageContext) -> dict[str, Any]:
-    params, source = ctx.params, ctx.input_dir / artifact.MODEL_FILE
+    params = {**ctx.params, "target_onnxruntime": compat.effective_target(ctx.params["target_onnxruntime"])}
+    source = ctx.input_dir / artifact.MODEL_FILE
     if not source.exists():
         raise PassError(f"quantize: {source} does not exist; quantize consumes an exported ONNX variant")
-    scheme, opts, tokens = params["scheme"], _options(params), _eval_tokens(ctx)
+    scheme, opts = params["scheme"], compat.quantize_options(params, _options(params), ctx.log)
+    tokens = _eval_tokens(ctx)
     base = artifact.read_artifact(ctx.input_dir)
     before = inspect.Graph.load(source)
     excluded = resolve_exclude(before.proto, params["exclude"])
@@ -215,7 +219,8 @@ def apply(ctx: StageContext) -> dict[str, Any]:
         with ctx.progress("scoring against the input graph", total=None):
             scores = _evaluate(params, target, reference)
     artifact.copy_support_files(ctx.input_dir, ctx.output_dir)
-    artifact.write_artifact_json(ctx.output_dir, base=base)
+    written = artifact.write_artifact_json(ctx.output_dir, base=base)
+    requires.check_target(written["requires"], params["target_onnxruntime"], "quantize")
     after = inspect.Graph.load(target)
     records = {**RECORDS[scheme](after), **extra, **({"embeddings": tables} if tables is not None else {})}
     return {

@@ -134,13 +134,19 @@ class _DropHints(logging.Filter):
 
 @contextlib.contextmanager
 def quiet_quantizers():
-    """The int4 quantizer logs every node at INFO: hundreds of lines for a small model."""
+    """The int4 quantizer logs every node at INFO: hundreds of lines for a small model. quantize_static opens
+    its calibration session with onnxruntime's default logger, which warns that the overridable
+    logits_to_keep initializer is a graph input (recipec's own sessions log errors only, sessions.py)."""
+    import onnxruntime
+
     nbits = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     root, hints, level = logging.getLogger(), _DropHints(), nbits.level
     nbits.setLevel(logging.WARNING)
     root.addFilter(hints)
+    onnxruntime.set_default_logger_severity(3)
     try:
         yield
     finally:
+        onnxruntime.set_default_logger_severity(2)  # onnxruntime's default (warnings); it has no getter
         nbits.setLevel(level)
         root.removeFilter(hints)
