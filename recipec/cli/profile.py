@@ -38,7 +38,7 @@ def cmd_profile(args) -> int:
     resolved = copy.deepcopy(manifest["recipe"]["resolved"])
     resolved["serving"] = _override_serving(resolved["serving"], args.workload)
     if args.url:
-        return _profile_url(args.url, resolved["serving"])
+        return _profile_url(args.url, resolved["serving"], args.build_dir, Path(manifest["recipe"]["file"]).parent)
     chosen = chosen_variants(manifest, args.variant, args.build_dir)
     if "baseline" not in chosen:
         chosen = ["baseline", *chosen]  # every row's delta is against the baseline, measured in the same run
@@ -56,14 +56,22 @@ def cmd_profile(args) -> int:
     return EXIT_OK if report["gates_passed"] else EXIT_FAILED
 
 
-def _profile_url(url: str, serving: dict[str, Any]) -> int:
+def _profile_url(url: str, serving: dict[str, Any], build_dir: Path, recipe_dir: Path) -> int:
+    """The runs, and the capacity at the SLO a rate sweep gives, as JSON: the same numbers for recipec's server
+    and any other OpenAI-compatible one. Prompts from data are tokenized with the build's baseline tokenizer."""
     from recipec.profile.remote import profile_url
+    from recipec.profile.sweep import variant_capacity
+    from recipec.profile.workload import prepare_runs
 
+    prepare = lambda runs: prepare_runs(runs, serving, build_dir / "variants" / "baseline", recipe_dir,  # noqa: E731
+                                        console.warn)
     try:
-        runs = profile_url(url, serving, log=lambda s: console.say(f"  {s}"))
+        runs = profile_url(url, serving, log=lambda s: console.say(f"  {s}"), prepare=prepare)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    print(json.dumps(runs, indent=2, default=float))
+    capacity = variant_capacity(runs)
+    print(json.dumps({"url": url, "runs": runs, "capacity_at_slo_rps": capacity[0]["capacity_at_slo_rps"]
+                      if capacity else None, "capacity": capacity}, indent=2, default=float))
     return EXIT_OK
 
 

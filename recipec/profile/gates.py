@@ -7,6 +7,8 @@ A metric path names one number of a variant:
 - serving: ttft_ms|tpot_ms|itl_ms|e2e_latency_ms . mean|p50|p90|p99, request_throughput_rps,
   output_throughput_tok_s, total_throughput_tok_s, goodput_rps, mbu, mbu_step, mfu, mfu_prefill,
   mfu_decode, peak_memory_mb (also written serving.<name>)
+- the variant's workload results: capacity_at_slo_rps, batch_prompting.<accuracy_alone, accuracy_batched,
+  prompt_tokens_per_request_ratio, time_per_request_ratio, parse_failure_rate>
 
 A variant has one serving run per batching policy and load level; a serving gate must hold on every
 run, so its value is the worst one (the largest for `max`, the smallest for `min`). Narrow it with
@@ -27,6 +29,10 @@ ARTIFACT = ("bytes", "parameters", "active_parameters")
 SCALARS = ("request_throughput_rps", "output_throughput_tok_s", "total_throughput_tok_s", "goodput_rps",
            "mbu", "mbu_step", "mfu", "mfu_prefill", "mfu_decode", "peak_memory_mb")
 SELECTORS = {"batching": str, "concurrency": int, "rate_rps": float}
+# per variant, measured across its runs: capacity from a rate sweep, batch prompting against alone
+WORKLOAD = ("capacity_at_slo_rps",)
+BATCH_PROMPTING = ("accuracy_alone", "accuracy_batched", "prompt_tokens_per_request_ratio", "time_per_request_ratio",
+                   "parse_failure_rate")
 
 
 def _parse(path: str) -> tuple[str, tuple[str, ...], dict[str, Any]]:
@@ -37,6 +43,8 @@ def _parse(path: str) -> tuple[str, tuple[str, ...], dict[str, Any]]:
         section, parts = parts[0], parts[1:]
     elif parts and parts[0] == "artifact":
         section, parts = "artifact", parts[1:]
+    elif parts and parts[0] in WORKLOAD + ("batch_prompting",):
+        section = "variant"
     else:
         section = "quality" if parts and parts[0] in QUALITY else "serving"
     _check_parts(section, parts, path)
@@ -50,6 +58,7 @@ def _check_parts(section: str, parts: tuple[str, ...], path: str) -> None:
     ok = {
         "quality": len(parts) == 1 and parts[0] in QUALITY,
         "artifact": len(parts) == 1 and parts[0] in ARTIFACT,
+        "variant": parts in [(w,) for w in WORKLOAD] + [("batch_prompting", b) for b in BATCH_PROMPTING],
         "serving": (len(parts) == 1 and parts[0] in SCALARS)
         or (len(parts) == 2 and parts[0] in LATENCY_METRICS and parts[1] in STAT_KEYS),
     }[section]
@@ -78,7 +87,8 @@ def section_of(path: str) -> str:
 
 def known_metrics() -> list[str]:
     return ([*QUALITY] + [f"artifact.{a}" for a in ARTIFACT]
-            + [f"{d}.{s}" for d in LATENCY_METRICS for s in STAT_KEYS] + [*SCALARS])
+            + [f"{d}.{s}" for d in LATENCY_METRICS for s in STAT_KEYS] + [*SCALARS] + [*WORKLOAD]
+            + [f"batch_prompting.{b}" for b in BATCH_PROMPTING])
 
 
 def validate_gate_metric(path: str) -> str | None:
@@ -133,8 +143,9 @@ def _serving_value(variant: dict[str, Any], parts, selectors, op: str) -> tuple[
 def _value(variant: dict[str, Any], section: str, parts, selectors, op: str):
     if section == "serving":
         return _serving_value(variant, parts, selectors, op)
-    v = lookup(variant.get(section), parts)
-    return v, None, None if v is not None else f"{section}.{'.'.join(parts)} was not measured"
+    v = lookup(variant if section == "variant" else variant.get(section), parts)
+    where = ".".join(parts if section == "variant" else (section, *parts))
+    return v, None, None if v is not None else f"{where} was not measured"
 
 
 def _check(gate: dict[str, Any], name: str, report: dict[str, Any], op: str) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -31,6 +31,7 @@ class Workload:
     seed: int = 0
     ignore_eos: bool = True  # so every request produces exactly the output length asked for
     prompts: list[list[int]] | None = None  # real token ids; else random ids from the vocab
+    output_lens: list[int] | None = None  # per prompt, beside `prompts`; else output_len
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Item:
 class RunResult:
     records: list[RequestRecord]
     steps: list[StepRecord]
+    outputs: list[list[int]] = field(default_factory=list)  # each request's generated token ids
 
 
 def _draw(length: Length, rng: np.random.Generator) -> int:
@@ -60,6 +62,7 @@ def make_items(w: Workload, vocab_size: int, n: int, seed_offset: int = 0) -> li
         out = _draw(w.output_len, rng)
         if w.prompts:
             prompt = list(w.prompts[i % len(w.prompts)])
+            out = w.output_lens[i % len(w.output_lens)] if w.output_lens else out
         else:
             prompt = rng.integers(0, vocab_size, size=_draw(w.prompt_len, rng)).tolist()
         items.append(Item(prompt, out))
@@ -113,7 +116,7 @@ def drive(engine: Engine, items: Sequence[Item], offsets: Sequence[float], cap: 
         if engine.step(flush=blocked) or not (todo or inflight):
             continue
         _wait(engine, clock, start + todo[0][0] if todo and slots.available() else None, inflight)
-    return RunResult([r.record() for r in sent], engine.steps[first_step:])
+    return RunResult([r.record() for r in sent], engine.steps[first_step:], [list(r.tokens) for r in sent])
 
 
 def _wait(engine: Engine, clock: Clock, next_arrival: float | None, inflight: list[Request]) -> None:

@@ -7,6 +7,7 @@ from typing import Any, Iterable
 
 from recipec.profile.formatting import SERVING_COLUMNS, delta, fmt, fmt_bytes, get, run_key, run_label
 from recipec.profile.markdown_search import projections_md, search_md, table
+from recipec.profile.markdown_workloads import batch_prompting_md, capacity_md
 
 
 PERCENT = {"mbu", "mfu", "mbu_step", "mfu_prefill", "mfu_decode"}
@@ -57,7 +58,11 @@ def _load_note(runs: Iterable[dict[str, Any]]) -> str:
 
 
 def _len(spec: Any) -> str:
-    return f"{spec['min']}–{spec['max']}" if isinstance(spec, dict) else str(spec)
+    if not isinstance(spec, dict):
+        return str(spec)
+    if spec["min"] == spec["max"]:
+        return fmt(spec["min"])
+    return f"{fmt(spec['min'])}–{fmt(spec['max'])} (mean {fmt(spec['mean'])})" if "mean" in spec else         f"{fmt(spec['min'])}–{fmt(spec['max'])}"
 
 
 def _variants_md(report: dict[str, Any]) -> list[str]:
@@ -144,7 +149,8 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"{report.get('created_at', '')}.", "", *_hardware_md(report), *_variants_md(report),
              *_placement_md(report),
              "## Serving", "", "Changes in parentheses are against `baseline` on the same run.", "",
-             *_serving_md(report), *_speculative_md(report), *search_md(report), *projections_md(report), *_gates_md(report),
+             *_serving_md(report), *_speculative_md(report), *capacity_md(report), *batch_prompting_md(report),
+             *search_md(report), *projections_md(report), *_gates_md(report),
              *_build_md(report)]
     if plots:
         lines += ["## Plots", ""] + [f"![{k}]({p})" for k, p in plots.items() if k != "pareto"] + [""]

@@ -51,6 +51,15 @@ def stats(values: Iterable[float]) -> dict[str, float] | None:
     return {"mean": float(arr.mean()), "p50": float(p50), "p90": float(p90), "p99": float(p99)}
 
 
+def length_stats(values: Iterable[int]) -> dict[str, float] | None:
+    """min/p50/max/mean of token counts (prompt or output lengths of a run's requests); None when empty."""
+    arr = np.asarray(list(values), dtype=np.float64)
+    if arr.size == 0:
+        return None
+    return {"min": int(arr.min()), "p50": float(np.percentile(arr, 50)), "max": int(arr.max()),
+            "mean": float(arr.mean())}
+
+
 def ttft(r: RequestRecord) -> float | None:
     return r.token_times[0] - r.arrival if r.token_times else None
 

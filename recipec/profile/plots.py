@@ -65,6 +65,45 @@ def _plot_distributions(report: dict[str, Any], path: Path, plt) -> bool:
     return _save(fig, path, plt, drawn)
 
 
+def _plot_latency_vs_rate(report: dict[str, Any], path: Path, plt) -> bool:
+    """TTFT p99, TPOT p99 and goodput against the offered rate of each variant's Poisson runs, its capacity at
+    the SLO marked; a line per variant (and batching policy, when several were measured)."""
+    if not any(r.get("rate_rps") is not None for v in report["variants"].values() for r in v.get("serving") or []):
+        return False
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    drawn, top, slo = False, 0.0, {}
+    for i, (name, v) in enumerate(report["variants"].items()):
+        runs = [r for r in v.get("serving") or [] if r.get("rate_rps") is not None]
+        policies = list(dict.fromkeys(r["batching"] for r in runs))
+        for j, policy in enumerate(policies):
+            pts = sorted((r["rate_rps"], get(r, "ttft_ms.p99"), get(r, "tpot_ms.p99"), r.get("goodput_rps"))
+                         for r in runs if r["batching"] == policy)
+            label, style = name + (f" ({policy})" if len(policies) > 1 else ""), ("-", "--", ":")[j % 3]
+            for ax, k in zip(axes, (1, 2, 3)):
+                xy = [(p[0], p[k]) for p in pts if p[k] is not None]
+                if xy:
+                    ax.plot(*zip(*xy), marker="o", linestyle=style, color=f"C{i}", label=label)
+                    drawn = True
+            top = max([top] + [p[0] for p in pts])
+            slo = next((r["slo"] for r in runs if r.get("slo")), slo)
+        for c in v.get("capacity") or []:
+            if c["capacity_at_slo_rps"] is not None:
+                for ax in axes:
+                    ax.axvline(c["capacity_at_slo_rps"], color=f"C{i}", alpha=0.4, linestyle=":")
+    for ax, key in zip(axes[:2], ("ttft_ms", "tpot_ms")):
+        if key in slo:
+            ax.axhline(slo[key], color="gray", linestyle="--", label=f"SLO {slo[key]:g} ms")
+    if top:  # goodput can exceed it: a short run's Poisson arrivals may come faster than their mean rate
+        axes[2].plot([0, top], [0, top], color="gray", linestyle="--", label="offered rate")
+    for ax, what in zip(axes, ("TTFT p99 (ms)", "TPOT p99 (ms)", "goodput (req/s)")):
+        ax.set(xlabel="offered rate (req/s)", ylabel=what)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle("latency and goodput against the offered rate (dotted: capacity at the SLO)")
+    return _save(fig, path, plt, drawn)
+
+
 def _highest_load(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
     if not runs:
         return None
@@ -155,7 +194,7 @@ def render_plots(report: dict[str, Any], plot_dir: Path) -> dict[str, Path]:
     plot_dir.mkdir(parents=True, exist_ok=True)
     out = {}
     for key, fn in (("latency_vs_throughput", _plot_latency_throughput), ("ttft_tpot_distribution", _plot_distributions),
-                    ("build_stages", _plot_stages)):
+                    ("latency_vs_rate", _plot_latency_vs_rate), ("build_stages", _plot_stages)):
         path = plot_dir / f"{key}.png"
         if fn(report, path, plt):
             out[key] = path

@@ -30,8 +30,10 @@ from recipec.errors import PassError
 from recipec.runtime.engine import CacheOps, Engine, Policy, RealClock
 from recipec.profile.loadgen import Workload, run_closed_loop, run_open_loop
 from recipec.profile.memory import PeakMemory
-from recipec.profile.metrics import ModelCost, Peaks, latency_samples, summarize_run
+from recipec.profile.metrics import ModelCost, Peaks, latency_samples, length_stats, summarize_run
 from recipec.profile.quality import evaluate_quality
+from recipec.profile.sweep import expand_runs
+from recipec.profile.workload import measure_batch_prompting, workload_sections
 from recipec.runtime.records import RequestRecord, StepRecord
 from recipec.runtime.slots import step_model
 
@@ -62,6 +64,9 @@ def serving_plan(spec: dict[str, Any]) -> list[dict[str, Any]]:
               "seed": w.get("seed", 0)}
     if w.get("arrival", "closed") == "closed":
         loads = [{"concurrency": int(c)} for c in sorted(_as_list(w.get("concurrency", [1])))]
+    elif w["rate_rps"] == "auto":  # a placeholder the sweep expands as it measures (profile/sweep.py)
+        loads = [{"rate_rps": "auto", "sweep_size": int(w.get("sweep_size", 6)),
+                  "burstiness": float(w.get("burstiness", 1.0)), "max_concurrency": w.get("max_concurrency")}]
     else:
         loads = [{"rate_rps": float(r), "burstiness": float(w.get("burstiness", 1.0)),
                   "max_concurrency": w.get("max_concurrency")} for r in sorted(_as_list(w["rate_rps"]))]
@@ -69,9 +74,11 @@ def serving_plan(spec: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _workload(run: dict[str, Any]) -> Workload:
+    prompts = run.get("prompts") or {}  # token ids from data (profile/workload.py), else random ids
     return Workload(num_requests=run["num_requests"], prompt_len=_length(run["prompt_tokens"]),
                     output_len=_length(run["output_tokens"]), warmup_requests=run["warmup_requests"],
-                    seed=run["seed"], ignore_eos=True)
+                    seed=run["seed"], ignore_eos=True, prompts=prompts.get("ids"),
+                    output_lens=prompts.get("output_tokens"))
 
 
 def load_model(variant_dir: Path, device: str, threads: int = 0):
@@ -101,17 +108,19 @@ def serve_runs(variant_dir: Path, device: str, runs: Sequence[dict[str, Any]], t
 
 def measure_runs(model, runs: Sequence[dict[str, Any]], vocab_size: int, device: str = "cpu", clock=None,
                  cache_ops=None, log: Callable[[str], None] = lambda s: None) -> list[dict[str, Any]]:
-    out = []
-    for run in runs:
+    def measure(run: dict[str, Any]) -> dict[str, Any]:
+        if run.get("batch_prompting"):
+            return measure_batch_prompting(model, run, clock or RealClock(), cache_ops or CacheOps(), log)
         log(f"serving {run['batching']} " + (f"concurrency {run['concurrency']}" if "concurrency" in run
-                                             else f"{run['rate_rps']} req/s"))
+                                             else f"{run['rate_rps']:.3g} req/s"))
         with PeakMemory(device) as mem:
             res = _one_run(model, run, vocab_size, clock or RealClock(), cache_ops or CacheOps())
-        out.append({"run": run, "records": [asdict(r) for r in res.records], "steps": [asdict(s) for s in res.steps],
-                    "peak_memory_mb": mem.peak_mb, "peak_memory_source": mem.source,
-                    # other processes competing for the cores inflate latencies; say how busy the host was
-                    "host_load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None})
-    return out
+        return {"run": run, "records": [asdict(r) for r in res.records], "steps": [asdict(s) for s in res.steps],
+                "peak_memory_mb": mem.peak_mb, "peak_memory_source": mem.source,
+                # other processes competing for the cores inflate latencies; say how busy the host was
+                "host_load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+
+    return expand_runs(runs, measure, log)
 
 
 def _one_run(model, run: dict[str, Any], vocab: int, clock, cache_ops):
@@ -173,8 +182,12 @@ def summarize_raw(raw: dict[str, Any], cost: ModelCost | None, peaks: Peaks | No
     records = [RequestRecord(**r) for r in raw["records"]]
     steps = [StepRecord(**s) for s in raw["steps"]]
     run = dict(raw["run"])
-    for key in ("prompt_tokens", "output_tokens"):
-        run[key] = run[key] if not isinstance(run[key], list) else {"min": run[key][0], "max": run[key][1]}
+    prompts = run.pop("prompts", None)
+    if prompts:  # the token ids stay out of the report; where they came from stays in
+        run["prompts"] = prompts["source"]
+    # the lengths the measured requests had, whatever the spec asked
+    run["prompt_tokens"] = length_stats([r.n_in for r in records])
+    run["output_tokens"] = length_stats([r.n_out for r in records])
     summary = summarize_run(records, steps, cost, peaks, slo)
     for k in ("mbu", "mbu_step", "mfu", "mfu_prefill", "mfu_decode"):
         summary.setdefault(k, None)
@@ -271,10 +284,11 @@ def finish_serving(entry: dict[str, Any], raw: dict[str, Any], variant_dir: Path
     artifact = {**entry["artifact"], "compute_dtype": compute_dtype(art, placement["device"], node_hardware)}
     peaks = _peaks(node_hardware, artifact["compute_dtype"])
     cost = model_cost(art)
-    serving = [summarize_raw(r, cost, peaks, serving_spec.get("slo")) for r in raw["runs"]]
+    serving = [summarize_raw(r, cost, peaks, serving_spec.get("slo")) for r in raw["runs"]
+               if not r["run"].get("batch_prompting")]
     remote = {"node": raw["node"], "hardware": raw["hardware"]} if raw.get("node") else {}
     return {**entry, "artifact": artifact, "serving": serving, "load_seconds": raw["load_seconds"],
-            "placement": placement, **remote}
+            "placement": placement, **remote, **workload_sections(serving, raw["runs"], variant_dir)}
 
 
 def check_placement(variant: str, placement: dict[str, Any]) -> None:

@@ -341,10 +341,10 @@ def _rows_for(variant: str, m: VariantModel, hw: Hardware, t: int, w: Workload,
 
 
 def workload_of(serving: Sequence[Mapping[str, Any]]) -> Workload | None:
-    """The prompt and output lengths the variant was served with (a {min, max} range: its mean)."""
+    """The mean prompt and output lengths the variant was served with (a bare {min, max} range: its middle)."""
     if not serving:
         return None
-    mean = lambda v: (v["min"] + v["max"]) / 2.0 if isinstance(v, Mapping) else float(v)  # noqa: E731
+    mean = lambda v: v.get("mean", (v["min"] + v["max"]) / 2.0) if isinstance(v, Mapping) else float(v)  # noqa: E731
     return Workload(mean(serving[0]["prompt_tokens"]), mean(serving[0]["output_tokens"]))
 
 

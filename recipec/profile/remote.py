@@ -11,13 +11,18 @@ from urllib.parse import urlsplit
 
 from recipec.profile.loadgen import gamma_offsets, make_items
 from recipec.profile.profiler import _workload, serving_plan, summarize_raw
+from recipec.profile.sweep import expand_runs
 from recipec.runtime.engine import POLICIES
+
+Runs = list[dict[str, Any]]
 
 
 def profile_url(url: str, serving_spec: dict[str, Any], vocab_size: int | None = None,
-                log: Callable[[str], None] = lambda s: None, timeout_s: float = 600.0) -> list[dict[str, Any]]:
-    """Run the recipe's serving workload (serving_plan: each policy and load level) against an
-    OpenAI-compatible server and return the runs in the report's shape.
+                log: Callable[[str], None] = lambda s: None, timeout_s: float = 600.0,
+                prepare: Callable[[Runs], Runs] = lambda runs: runs) -> Runs:
+    """Run the recipe's serving workload (serving_plan: each policy and load level, a `rate_rps: auto` sweep
+    expanded as it is measured) against an OpenAI-compatible server and return the runs in the report's shape.
+    `prepare` may give the planned runs their prompts (profile.workload.prepare_runs with a build's tokenizer).
 
     Requests are token-id prompts drawn as the in-process load generator draws them, streamed, with
     ignore_eos (vLLM's extension, which recipec serve honours) so each produces its full output length.
@@ -31,11 +36,11 @@ def profile_url(url: str, serving_spec: dict[str, Any], vocab_size: int | None =
     vocab = vocab_size or model.get("vocab_size")
     if not vocab:
         raise ValueError(f"{base} does not report its vocabulary size; pass vocab_size")
-    runs = []
-    for run in serving_plan(_with_remote_policy(serving_spec, model)):
-        log(f"{base}: " + (f"concurrency {run['concurrency']}" if "concurrency" in run else f"{run['rate_rps']} req/s"))
+    client = _HttpClient(base, model["id"], timeout_s)
+
+    def measure(run: dict[str, Any]) -> dict[str, Any]:
+        log(f"{base}: " + (f"concurrency {run['concurrency']}" if "concurrency" in run else f"{run['rate_rps']:.3g} req/s"))
         w = _workload(run)
-        client = _HttpClient(base, model["id"], timeout_s)
         if w.warmup_requests:
             warm = make_items(w, vocab, w.warmup_requests, seed_offset=10_000)
             client.run(warm, [0.0] * len(warm), run.get("concurrency") or len(warm))
@@ -45,10 +50,12 @@ def profile_url(url: str, serving_spec: dict[str, Any], vocab_size: int | None =
         else:
             offsets = gamma_offsets(len(items), run["rate_rps"], run["burstiness"], w.seed)
             records = client.run(items, offsets, run.get("max_concurrency") or len(items))
-        raw = {"run": run, "records": records, "steps": [], "peak_memory_mb": None,
-               "peak_memory_source": f"not measured: a remote server ({base})", "host_load_avg_1m": None}
-        runs.append(summarize_raw(raw, None, None, serving_spec.get("slo")))
-    return runs
+        return {"run": run, "records": records, "steps": [], "peak_memory_mb": None,
+                "peak_memory_source": f"not measured: a remote server ({base})", "host_load_avg_1m": None}
+
+    # batch prompting needs text in and out: it is measured in-process only
+    planned = [r for r in prepare(serving_plan(_with_remote_policy(serving_spec, model))) if not r.get("batch_prompting")]
+    return [summarize_raw(raw, None, None, serving_spec.get("slo")) for raw in expand_runs(planned, measure, log)]
 
 
 def _remote_model(base: str) -> dict[str, Any]:

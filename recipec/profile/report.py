@@ -51,8 +51,22 @@ METHODS = {
     "host_load_avg_1m": "the host's 1-minute load average when the run ended; above the core count, other "
                         "processes competed for the cores and latencies are inflated",
     "workload": "closed loop: `concurrency` clients each send a new request when their last ends; open loop: "
-                "Gamma(burstiness) arrival gaps at rate_rps, seeded; random prompt token ids (seeded), "
-                "ignore_eos so outputs have the asked length; greedy decoding",
+                "Gamma(burstiness) arrival gaps at rate_rps, seeded; random prompt token ids (seeded), or "
+                "serving.workload.prompts tokenized with the variant's tokenizer in file order; ignore_eos so outputs "
+                "have the asked length; greedy decoding. prompt_tokens/output_tokens: min, p50, max, mean of the run's "
+                "requests",
+    "rate_sweep": "rate_rps: auto is GuideLLM's sweep: a synchronous run (one client), a throughput run (every "
+                  "request in flight), then Poisson rates linspace(synchronous rate, throughput rate, sweep_size - 1)"
+                  "[1:], each rate its own run",
+    "capacity_at_slo_rps": "the highest offered rate whose run had goodput >= 90% of its request rate (90% of "
+                           "requests met every SLO); when the next tested rate above it is more than 10% higher and "
+                           "failed, interpolated linearly in that share between the two (method: interpolated, not a "
+                           "measured rate); every rate held: the highest, a lower bound (not_reached)",
+    "batch_prompting": "the workload's first `requests` prompts as questions, asked alone and `size` to a prompt "
+                       "(instructions, exemplars grouped size at a time, numbered questions; numbered answers split "
+                       "back), closed loop at the task's concurrency, stopping at end of sequence; per request = "
+                       "total / questions; accuracy: exact matches of the parsed answers; parse_failure_rate: batched "
+                       "questions without a parsed answer",
 }
 
 

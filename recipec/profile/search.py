@@ -32,7 +32,7 @@ def at_load(metric: str, concurrency: int) -> str:
 def before_serving(constraints: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The constraints known before a variant is served (quality and artifact size): a trial that breaks one
     is not profiled."""
-    return [c for c in constraints if section_of(c["metric"]) != "serving"]
+    return [c for c in constraints if section_of(c["metric"]) in ("quality", "artifact")]
 
 
 def check_constraints(name: str, entry: dict[str, Any], constraints: Sequence[dict[str, Any]],

@@ -71,6 +71,7 @@ class VariantProfiler:
         submitted all at once to `serving` and gathered). With keep_going, a variant whose profile fails maps to
         its PassError instead of ending the build."""
         from recipec.profile.profiler import finish_serving, serve_isolated, serving_plan
+        from recipec.profile.workload import prepare_runs
 
         spec = self.resolved["serving"]
         runs, threads = serving_plan(spec), int(spec.get("threads", 0))
@@ -79,16 +80,19 @@ class VariantProfiler:
         pending: dict[str, tuple[dict[str, Any], Any]] = {}
         for variant, (directory, key) in variants.items():
             try:
+                # the prompts as this variant tokenizes them: a prompt too long for it fails before any run
+                variant_runs = prepare_runs(runs, spec, Path(directory), self.base_dir, console.warn)
                 entry = self._quality(variant, Path(directory))
                 reason = before_serving(variant, entry) if before_serving else None
                 if reason:
                     console.say(f"  {reason}")
                     out[variant] = {**entry, "pruned": reason}
                 elif self.serving is None:
-                    raw = serve_isolated(Path(directory), self.device, runs, threads, _log, allowed)
+                    raw = serve_isolated(Path(directory), self.device, variant_runs, threads, _log, allowed)
                     out[variant] = finish_serving(entry, raw, Path(directory), spec, self.hardware, variant)
                 else:
-                    pending[variant] = (entry, self.serving.submit(variant, key, self.device, runs, threads, allowed))
+                    pending[variant] = (entry, self.serving.submit(variant, key, self.device, variant_runs, threads,
+                                                                   allowed))
             except PassError as exc:
                 if not keep_going:
                     raise

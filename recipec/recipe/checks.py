@@ -10,7 +10,10 @@ from recipec.source.pretrain import pretrain_problems
 
 
 def semantic_problems(recipe: Recipe) -> list[Problem]:
-    return _model_problems(recipe) + _data_problems(recipe) + _gate_problems(recipe) + _cost_problems(recipe)
+    from recipec.recipe.checks_workload import workload_problems
+
+    return (_model_problems(recipe) + _data_problems(recipe) + _gate_problems(recipe) + _cost_problems(recipe)
+            + workload_problems(recipe))
 
 
 def _cost_problems(recipe: Recipe) -> list[Problem]:

@@ -109,8 +109,18 @@ def _serving_section() -> dict[str, Any]:
                     "concurrency": {"oneOf": [pos_int, {"type": "array", "items": pos_int, "minItems": 1}],
                                     "default": [1]},
                     "arrival": {"enum": ["closed", "poisson"], "default": "closed"},
-                    "rate_rps": {"oneOf": [{"type": "number", "exclusiveMinimum": 0},
-                                           {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0}, "minItems": 1}]},
+                    "prompts": _prompts_schema(),
+                    # one flat schema, not oneOf: a bad rate is then reported at its own field (rate_rps.1)
+                    "rate_rps": {"type": ["number", "array", "string"], "exclusiveMinimum": 0, "minItems": 1,
+                                 "items": {"type": "number", "exclusiveMinimum": 0},
+                                 "if": {"type": "string"}, "then": {"const": "auto"},
+                                 "description": "arrival: poisson — a rate in requests/s, a list (one serving run "
+                                                "each), or auto: a sweep from synchronous up to the measured "
+                                                "saturation, as GuideLLM's sweep profile (docs/workloads.md)."},
+                    "sweep_size": {**pos_int, "minimum": 3, "maximum": 50, "default": 6,
+                                   "description": "rate_rps: auto — runs in the sweep: one synchronous, one at "
+                                                  "full concurrency (throughput), and sweep_size − 2 Poisson rates "
+                                                  "evenly spaced from the synchronous rate up to the throughput one."},
                     "burstiness": {"type": "number", "exclusiveMinimum": 0, "default": 1.0},
                     "seed": {"type": "integer", "minimum": 0, "default": 0},
                 },
@@ -142,6 +152,7 @@ def _serving_section() -> dict[str, Any]:
                                "`recipec serve` renders /v1/chat/completions messages with, for a model whose "
                                "tokenizer has none or to replace its own; `recipec serve --chat-template FILE` "
                                "overrides it."},
+            "batch_prompting": _batch_prompting_schema(),
             "cost": COST_SCHEMA,
             "slo": {
                 "type": "object", "additionalProperties": False, "minProperties": 1,
@@ -149,6 +160,64 @@ def _serving_section() -> dict[str, Any]:
                                "counts toward goodput_rps, reported for every serving run.",
                 "properties": {key: {"type": "number", "exclusiveMinimum": 0}
                                for key in ("ttft_ms", "tpot_ms", "e2e_latency_ms")},
+            },
+        },
+    }
+
+
+def _prompts_schema() -> dict[str, Any]:
+    return {
+        "type": "object", "additionalProperties": False, "required": ["source", "path"],
+        "description": "Prompts from data instead of random token ids: tokenized with each variant's tokenizer, "
+                       "used in file order (cycled when requests outnumber them).",
+        "properties": {
+            "source": {"enum": ["jsonl", "text"]},
+            "path": {"type": "string", "minLength": 1,
+                     "description": "jsonl: a .jsonl file, one record per line; text: a file or glob, one prompt per "
+                                    "non-blank line (relative to the recipe)."},
+            "field": {"type": "string", "minLength": 1, "default": "text",
+                      "description": "jsonl: the field holding the prompt."},
+            "output_field": {"type": "string", "minLength": 1,
+                             "description": "jsonl: a field holding each prompt's output length in tokens; "
+                                            "without it, workload.output_tokens."},
+            "truncate": {"type": "boolean", "default": False,
+                         "description": "a prompt that does not fit the model's context with its output keeps its "
+                                        "last tokens, with a warning; false: it is a validation error."},
+        },
+    }
+
+
+def _batch_prompting_schema() -> dict[str, Any]:
+    text = {"type": "string"}
+    return {
+        "type": "object", "additionalProperties": False, "required": ["size"],
+        "description": "Batch prompting (Cheng et al., 2023): the workload's prompts are questions; `size` of them "
+                       "go into one prompt with shared instructions and exemplars, and the numbered answers are "
+                       "split back. The report compares it with each question alone (docs/workloads.md).",
+        "properties": {
+            "size": {"type": "integer", "minimum": 2, "maximum": 64, "description": "K, questions per prompt."},
+            "answer_field": {"type": "string", "minLength": 1,
+                             "description": "the field of each workload.prompts record holding its known answer; "
+                                            "without it, accuracy is not measured."},
+            "max_answer_tokens": {"type": "integer", "minimum": 1, "maximum": 1024, "default": 16,
+                                  "description": "tokens one answer may take: a prompt of k questions may "
+                                                 "generate k times as many; generation stops at end of sequence."},
+            "concurrency": {"type": "integer", "minimum": 1, "default": 1,
+                            "description": "closed-loop clients, the same alone and batched."},
+            "template": {
+                "type": "object", "additionalProperties": False, "default": {},
+                "properties": {
+                    "instructions": {**text, "default": "", "description": "the first line(s) of every prompt."},
+                    "exemplars": {"type": "array", "default": [],
+                                  "description": "few-shot examples, grouped K at a time like the questions.",
+                                  "items": {"type": "object", "additionalProperties": False,
+                                            "required": ["question", "answer"],
+                                            "properties": {"question": text, "answer": text}}},
+                    "question": {**text, "default": "Q[{n}]: {question}",
+                                 "description": "one numbered question: {n} and {question}, once each."},
+                    "answer": {**text, "default": "A[{n}]: {answer}",
+                               "description": "one numbered answer: {n}, then {answer} ending the line."},
+                },
             },
         },
     }

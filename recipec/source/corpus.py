@@ -71,7 +71,7 @@ def _glob_root(pattern: Path) -> Path:
     return root if root.is_dir() else root.parent
 
 
-def _text_files(pattern: str, base_dir: Path) -> tuple[Path, list[str]]:
+def text_files(pattern: str, base_dir: Path) -> tuple[Path, list[str]]:
     full = Path(base_dir, os.path.expanduser(pattern))
     matches = [Path(p) for p in glob.glob(str(full), recursive=True)]
     files = [p for p in matches if p.is_file()]
@@ -85,7 +85,7 @@ def _text_files(pattern: str, base_dir: Path) -> tuple[Path, list[str]]:
 def _all_files(spec: Any, base_dir: Path) -> tuple[Path, list[str]]:
     if _spec_kind(spec) == "stdlib":
         return _stdlib_files()
-    return _text_files(spec["text"], Path(base_dir))
+    return text_files(spec["text"], Path(base_dir))
 
 
 def _hash_percent(rel: str) -> int:

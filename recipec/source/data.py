@@ -84,12 +84,42 @@ class RecipeData:
 
 def jsonl_split(path: Path, field: str) -> dict[str, list[str]]:
     """The texts of a JSON-lines file, split into disjoint train and eval records."""
-    texts = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            texts.append(str(json.loads(line)[field]))
-        except (ValueError, KeyError, TypeError):
-            raise PassError(f"{path}:{number}: not a JSON object with a {field!r} string") from None
+    texts = [str(record[field]) for _, record in jsonl_records(path, (field,))]
     return split_disjoint(texts, what=f"distinct records (in {path})")
+
+
+def jsonl_records(path: Path, fields: tuple[str, ...]) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, record) of each non-blank line of a JSON-lines file; a PassError names the file and line
+    of a record that is not UTF-8, not a JSON object, or lacks one of `fields`."""
+    out = []
+    for number, line in text_lines(path):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise PassError(f"{path}:{number}: not a JSON object") from None
+        if not isinstance(record, dict):
+            raise PassError(f"{path}:{number}: not a JSON object")
+        missing = [f for f in fields if f not in record]
+        if missing:
+            raise PassError(f"{path}:{number}: no field {missing[0]!r} (the record has: "
+                            f"{', '.join(map(repr, record)) or 'nothing'})")
+        out.append((number, record))
+    return out
+
+
+def text_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, line) of each non-blank line, decoded strictly: a prompt or record with a stray byte
+    would be a different text than the file's author wrote, so it is an error naming the line."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise PassError(f"{path}: cannot read: {exc.strerror}") from None
+    out = []
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8").rstrip("\r")
+        except UnicodeDecodeError as exc:
+            raise PassError(f"{path}:{number}: not UTF-8 (byte {exc.start + 1} of the line)") from None
+        if line.strip():
+            out.append((number, line))
+    return out
