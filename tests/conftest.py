@@ -155,6 +155,15 @@ def export_op() -> Callable[..., dict[str, Any]]:
     return run_export_op
 
 
+def free_port() -> int:
+    """A loopback port no one listens on now, for a server a test starts."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def cli_build(recipe_text: str, tmp_path: Path, timeout: float = 900) -> tuple[subprocess.CompletedProcess, Path]:
     """`recipec build` of the recipe in a fresh process with its own cache under tmp_path; (result, out dir)."""
     import os

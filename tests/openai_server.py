@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import pytest
 
 from recipec.onnx.logits import log_softmax
 from recipec.runtime import lm as runtime
+from conftest import free_port
 
 CONTEXT = 4096  # room for a request that holds its batch slots for seconds
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}"
@@ -84,7 +84,7 @@ class Server:
 @contextmanager
 def serving(build: Path, log_dir: Path, *args: str) -> Iterator[Server]:
     """`recipec serve build` on a free loopback port until the block ends (then killed)."""
-    port = _free_port()
+    port = free_port()
     log = log_dir / f"serve-{port}.log"
     # stderr to a file: nobody reads a pipe while the tests run, and a full one would block the server.
     proc = subprocess.Popen([sys.executable, "-m", "recipec.cli", "serve", str(build), "--port", str(port), *args],
@@ -115,12 +115,6 @@ def _wait_healthy(server: Server, seconds: float = 60) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"recipec serve did not become healthy within {seconds:g} s")
         time.sleep(0.2)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(condition, what: str, timeout: float = 15) -> None:

@@ -25,15 +25,10 @@ from recipec.build.store.remote import RemoteStore
 from recipec.errors import RecipecError
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import free_port  # noqa: E402
 from test_build import TINY, model_bytes, recipec  # noqa: E402 - the tiny recipe and CLI runner test_build uses
 
 KEY = "k" * 64
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

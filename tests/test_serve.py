@@ -21,6 +21,7 @@ from recipec.cli.serve import main
 from recipec.profile.remote import profile_url
 from recipec.runtime import lm as runtime
 from recipec.serve.tokenizer import Detokenizer
+from conftest import free_port
 
 CONTEXT = 4096  # room for LONG tokens
 LONG = 2000  # ~3 s of decoding here: a request that holds the slot while the test acts
@@ -52,15 +53,9 @@ def build(tmp_path_factory, export_op) -> Path:
     return fake_build(tmp_path_factory.mktemp("serve-build"), variant, SERVING)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(build):
-    port = _free_port()
+    port = free_port()
     # One client fills the whole queue here (fairness between clients is tests/test_serve_hardening.py's).
     proc = subprocess.Popen([sys.executable, "-m", "recipec.cli", "serve", str(build), "--port", str(port),
                              "--max-queue", "2", "--max-queue-per-client", "2"],
@@ -252,7 +247,7 @@ def test_profile_url_measures_the_workload_in_report_shape(server):
 
 def test_profile_url_says_when_nothing_listens():
     with pytest.raises(ValueError, match="cannot reach"):
-        profile_url(f"http://127.0.0.1:{_free_port()}", SERVING)
+        profile_url(f"http://127.0.0.1:{free_port()}", SERVING)
 
 
 def test_sigint_stops_the_server_cleanly(server):

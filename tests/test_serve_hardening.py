@@ -24,6 +24,7 @@ import pytest
 
 from recipec.cli.serve import main
 from test_serve import CONTEXT, SERVING, fake_build
+from conftest import free_port
 
 LONG = 4000  # tokens: several seconds of decoding, a request that holds the only batch slot while a test acts
 HARD = ["--max-queue", "4", "--max-queue-per-client", "2", "--max-body-bytes", "8000000",
@@ -43,14 +44,8 @@ def build(tmp_path_factory, export_op) -> Path:
     return fake_build(tmp_path_factory.mktemp("hard-build"), variant, SERVING)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(build: Path, log_dir: Path, *args: str, env: dict[str, str] | None = None) -> dict:
-    port = _free_port()
+    port = free_port()
     log = log_dir / f"serve-{port}.log"
     # stderr to a file, not a pipe: nobody reads a pipe while the tests run, and a full one blocks the server.
     proc = subprocess.Popen([sys.executable, "-m", "recipec.cli", "serve", str(build), "--port", str(port), *args],
@@ -647,5 +642,5 @@ def test_bad_limits_are_refused_naming_the_flag(build, monkeypatch, capsys, args
     import recipec.cli.serve as cli
 
     monkeypatch.setattr(cli, "run_server", lambda *a, **k: pytest.fail("should not serve"))
-    assert main([str(build), "--port", str(_free_port()), *args]) == 2
+    assert main([str(build), "--port", str(free_port()), *args]) == 2
     assert message in " ".join(capsys.readouterr().err.split())

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 CONTEXT = 256
 MAX_BATCH, MAX_QUEUE = 4, 6
@@ -44,12 +45,6 @@ HEADER_TIMEOUT_S = BODY_TIMEOUT_S = 1
 OVERSIZED = 3 * 1024 * 1024  # over the default --max-body-bytes (2 MiB)
 WARM_UP_S = 3
 VOCAB = 256
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rss_mib(pid: int, field_name: str = "VmRSS") -> float:
@@ -73,7 +68,7 @@ def served(tmp_path_factory, export_op):
     manifest = {"recipe": {"name": "soak", "file": "soak.yaml", "sha256": "0", "resolved": {"serving": SERVING}},
                 "variants": {"baseline": {"stage": "baseline"}}, "device": "cpu"}
     (root / "manifest.json").write_text(json.dumps(manifest))
-    port = _free_port()
+    port = free_port()
     # stderr to a file, not a pipe: nobody reads a pipe during the load, and a full one would block the server.
     log = root / "serve.log"
     proc = subprocess.Popen([sys.executable, "-m", "recipec.cli", "serve", str(root), "--port", str(port),
@@ -120,9 +115,9 @@ MALFORMED: list[bytes] = [
     b"{not json", b"", b"[1, 2]", b'"prompt"', b"null", b'{"prompt": [1, 2]', b"\xff\xfe{}", b'{"prompt": "w5",}',
     b'{"prompt": [1, -5]}', b'{"prompt": [1, 99999]}', b'{"prompt": [1], "max_tokens": "7"}',
     b'{"prompt": [1], "max_tokens": 0}', b'{"prompt": [1], "temperature": 9}', b'{"prompt": [1], "stream": "yes"}',
-    b'{"prompt": [[1], [2]]}', b'{"prompt": [1.5]}', b'{"prompt": [true]}', b'{"prompt": {}}',
+    b'{"prompt": [[1], "w2"]}', b'{"prompt": [1.5]}', b'{"prompt": [true]}', b'{"prompt": {}}',
     b'{"prompt": [1], "max_tokens": 1000000}', b'{"prompt": [1], "top_p": 0}', b'{"prompt": [1], "seed": -1}',
-    b'{"prompt": [1], "n": 2}', b'{"prompt": [1], "stream_options": 3}', b'{"prompt": [1], "logit_bias": {"5": 1}}',
+    b'{"prompt": [1], "n": 129}', b'{"prompt": [1], "stream_options": 3}', b'{"prompt": [1], "logit_bias": {"5": 1}}',
     b'{"prompt": "w5 \\ud800 w6"}', b'{"prompt": ["w5 \\udfff"], "max_tokens": 2}',
     b'{"prompt": [1], "stream_options": []}',
     b'{"prompt": [1], "stream": true, "stream_options": {"include_usage": "no"}}',

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_tiny_model
+from conftest import make_tiny_model, free_port
 from test_build import recipec
 from test_engine import FakeModel
 
@@ -280,7 +280,7 @@ def test_the_sweep_gives_a_capacity_at_the_slo_a_table_and_the_plot(swept):
 
 def test_profile_url_sweeps_a_running_server_the_same_way(swept):
     out, _, env = swept
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "recipec.cli", "serve", str(out), "--port", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -295,14 +295,6 @@ def test_profile_url_sweeps_a_running_server_the_same_way(swept):
     assert [r.get("sweep") for r in got["runs"]] == ["synchronous", "throughput", "poisson"]
     assert got["runs"][2]["rate_rps"] > 0 and got["runs"][0]["prompt_tokens"]["min"] < got["runs"][0]["prompt_tokens"]["max"]
     assert got["capacity"] == variant_capacity(got["runs"]) and len(got["capacity"]) == 1
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
