@@ -35,14 +35,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C
+from render import render_section, update_docs
+from rows import add_limits, add_ratios, make_row, recipec_runs, batch_runs
+from targets import KL_GATE, evaluate_targets
 import numpy as np
 import yaml
 
 RECIPES = C.BENCH / "recipes"
 SIZES = ("small", "medium")
-KL_GATE = 0.05  # the quality gate of the e2e target: KL(source || variant) in nats per token
-E2E_TARGET = 0.80  # e2e latency at least 80% below PyTorch eager
-MBU_TARGET = 0.60  # decode MBU at batch 1
 DOCS = C.ROOT / "docs" / "benchmarks.md"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
@@ -190,6 +190,15 @@ def precision_of(ops: list[dict[str, Any]]) -> str:
     return {"int8-dynamic": "int8", "int8-static": "int8", "int4": "int4", "fp16": "fp16"}[schemes[-1]]
 
 
+def _phases(manifest: dict[str, Any], ops: list[dict[str, Any]]) -> dict[str, str | None] | None:
+    """A phase-split variant's prefill and decode graphs, as the variants of this build that are those stages
+    alone (None where a stage is no variant)."""
+    if not ops or ops[-1]["op"] != "phase_split":
+        return None
+    variant_of = {v["stage"]: name for name, v in manifest["variants"].items()}
+    return {"prefill": variant_of.get(ops[-1]["params"]["prefill"]), "decode": variant_of.get(ops[-1]["after"][0])}
+
+
 # ---------------------------------------------------------------- models for the peers
 
 def hf_dir_with_tokenizer(src: Path, key: str) -> Path:
@@ -246,81 +255,6 @@ def build_peer(peer: str, env: str, python: Path, hf: Path, key: str, log: Path)
     return target, info
 
 
-# ---------------------------------------------------------------- rows
-
-def _serving_runs_recipec(variant: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    runs = {}
-    for run in variant["serving"]:
-        if "concurrency" not in run:
-            continue
-        s = run["samples"]
-        runs[str(run["concurrency"])] = {
-            "samples": {"ttft_ms": s["ttft_ms"], "tpot_ms": s["tpot_ms"], "e2e_latency_ms": s["e2e_latency_ms"],
-                        "output_throughput_tok_s": [run["output_throughput_tok_s"]]},
-            "peak_memory_mb": run["peak_memory_mb"], "host_load_avg": [run.get("host_load_avg_1m")],
-            "recipec_mbu": run.get("mbu"), "decode_step_ms": run.get("decode_step_ms")}
-    return runs
-
-
-def _batch_runs(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {str(r["batch"]): {"samples": r["samples"], "peak_memory_mb": r["peak_memory_mb"],
-                              "host_load_avg": r["host_load_avg"]} for r in result["runs"]}
-
-
-def make_row(model: str, system: str, variant: str, precision: str, runs: dict[str, dict[str, Any]] | None,
-             weight_bytes: int | None, artifact_bytes: int | None, quality: dict[str, Any] | None,
-             status: str = "ok", reason: str | None = None, **extra: Any) -> dict[str, Any]:
-    out_runs = {}
-    for batch, run in (runs or {}).items():
-        stats = {k: C.summarize(v) for k, v in run["samples"].items()}
-        out_runs[batch] = {**{k: v for k, v in run.items() if k != "samples"}, **stats}
-    return {"model": model, "system": system, "variant": variant, "precision": precision, "status": status,
-            "reason": reason, "artifact_bytes": artifact_bytes, "weight_bytes_per_decode_step": weight_bytes,
-            "quality": quality, "runs": out_runs, **extra}
-
-
-def add_limits(rows: list[dict[str, Any]], bandwidth_gb_s: float, kv_bytes_per_token: int, prompt: int,
-               output: int, llc: dict[str, Any]) -> None:
-    """Per run: the bytes a decode step reads, the TPOT that the measured memory bandwidth allows for them,
-    and MBU. Where those bytes fit in the last-level cache, they need not come from memory at all: the run is
-    flagged and also gets the floor at the cache's measured copy bandwidth."""
-    for row in rows:
-        for batch, run in row["runs"].items():
-            if row["weight_bytes_per_decode_step"] is None:
-                continue
-            step = C.decode_step_bytes(row["weight_bytes_per_decode_step"], kv_bytes_per_token, int(batch), prompt,
-                                       output)
-            run["decode_step_bytes"] = int(step)
-            run["tpot_floor_ms"] = step / (bandwidth_gb_s * 1e9) * 1e3
-            tpot = (run.get("tpot_ms") or {}).get("p50")
-            run["mbu"] = C.mbu(step, tpot, bandwidth_gb_s)
-            run["fits_in_llc"] = bool(llc.get("bytes") and step < llc["bytes"])
-            if run["fits_in_llc"] and llc.get("bandwidth_gb_s"):
-                run["tpot_floor_llc_ms"] = step / (llc["bandwidth_gb_s"] * 1e9) * 1e3
-
-
-def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Every number as a ratio to PyTorch eager on the same model and batch size, measured in this run."""
-    base = {r["model"]: r for r in rows if r["system"] == "pytorch-eager" and r["status"] == "ok"}
-    for row in rows:
-        ref = base.get(row["model"])
-        if ref is None:
-            continue
-        for batch, run in row["runs"].items():
-            b = ref["runs"].get(batch)
-            if not b:
-                continue
-            ratio = {}
-            for key in ("ttft_ms", "tpot_ms", "e2e_latency_ms", "output_throughput_tok_s"):
-                if run.get(key) and b.get(key) and b[key]["p50"]:
-                    ratio[key] = run[key]["p50"] / b[key]["p50"]
-            if run.get("peak_memory_mb") and b.get("peak_memory_mb"):
-                ratio["peak_memory_mb"] = run["peak_memory_mb"] / b["peak_memory_mb"]
-            run["ratio_to_pytorch"] = ratio
-        if row["artifact_bytes"] and ref["artifact_bytes"]:
-            row["artifact_ratio_to_pytorch"] = row["artifact_bytes"] / ref["artifact_bytes"]
-
-
 # ---------------------------------------------------------------- one model
 
 def bench_model(key: str, recipe_src: Path, args, phases: Phases, log_dir: Path) -> dict[str, Any]:
@@ -369,7 +303,7 @@ def bench_model(key: str, recipe_src: Path, args, phases: Phases, log_dir: Path)
     eager = phases.run(f"{key}-pytorch", pytorch)
     cost = eager["cost"]
     src_q = report["variants"]["baseline"]["quality"]
-    rows.append(make_row(key, "pytorch-eager", "source model", "fp32", _batch_runs(eager),
+    rows.append(make_row(key, "pytorch-eager", "source model", "fp32", batch_runs(eager),
                          cost["weight_bytes_per_decode_step"], C.dir_bytes(src),
                          {"kl_divergence": 0.0, "top1_agreement": 1.0, "perplexity": src_q.get("source_perplexity"),
                           "source_perplexity": src_q.get("source_perplexity")},
@@ -379,7 +313,7 @@ def bench_model(key: str, recipe_src: Path, args, phases: Phases, log_dir: Path)
     for variant, entry in report["variants"].items():
         ops = variant_ops(manifest, variant)
         q = entry["quality"]
-        rows.append(make_row(key, "recipec", variant, precision_of(ops), _serving_runs_recipec(entry),
+        rows.append(make_row(key, "recipec", variant, precision_of(ops), recipec_runs(entry),
                              entry["artifact"]["weight_bytes_per_decode_step"], entry["artifact"]["bytes"],
                              {k: q.get(k) for k in ("kl_divergence", "top1_agreement", "perplexity",
                                                      "source_perplexity", "greedy_agreement")},
@@ -387,7 +321,8 @@ def bench_model(key: str, recipe_src: Path, args, phases: Phases, log_dir: Path)
                                                                  + (f", acc{s['params']['accuracy_level']}"
                                                                     if s["params"].get("accuracy_level") else "") + ")"
                                                                  if s["op"] == "quantize" else "") for s in ops),
-                             pruned=any(s["op"] == "prune" for s in ops)))
+                             pruned=any(s["op"] == "prune" for s in ops), phase_split=_phases(manifest, ops),
+                             speculative=entry.get("speculative")))
     for variant, why in unavailable.items():
         rows.append(make_row(key, "recipec", variant, "-", None, None, None, None, "not available", why))
 
@@ -424,7 +359,7 @@ def bench_model(key: str, recipe_src: Path, args, phases: Phases, log_dir: Path)
                 result["build"] = info
                 return result
             result = phases.run(f"{key}-{peer}", measure)
-            rows.append(make_row(key, system, peer, precision, _batch_runs(result),
+            rows.append(make_row(key, system, peer, precision, batch_runs(result),
                                  result["weights"]["weight_bytes_per_decode_step"], result["artifact_bytes"],
                                  result["quality"], build=result["build"], versions=result.get("versions")))
         except Exception as exc:  # noqa: BLE001 - a peer that cannot handle the model is a row that says why
@@ -450,153 +385,6 @@ def _first_error(text: str) -> str:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     errors = [ln for ln in lines if re.search(r"(Error|Exception|error:|not supported|Unsupported)", ln)]
     return (errors[-1] if errors else lines[-1] if lines else text)[:300]
-
-
-# ---------------------------------------------------------------- targets
-
-def _p50(row: dict[str, Any], batch: str, metric: str) -> float | None:
-    return ((row["runs"].get(batch) or {}).get(metric) or {}).get("p50")
-
-
-def evaluate_targets(model: dict[str, Any]) -> list[dict[str, Any]]:
-    rows = [r for r in model["rows"] if r["status"] == "ok"]
-    eager = next((r for r in rows if r["system"] == "pytorch-eager"), None)
-    ours = [r for r in rows if r["system"] == "recipec"]
-    out = []
-
-    passing = [r for r in ours if (r["quality"] or {}).get("kl_divergence") is not None
-               and r["quality"]["kl_divergence"] <= KL_GATE and _p50(r, "1", "e2e_latency_ms")]
-    if eager and passing:
-        best = min(passing, key=lambda r: _p50(r, "1", "e2e_latency_ms"))
-        cut = 1 - _p50(best, "1", "e2e_latency_ms") / _p50(eager, "1", "e2e_latency_ms")
-        out.append({"target": f"e2e latency (batch 1, p50) of the best variant with KL <= {KL_GATE} at least "
-                              f"{E2E_TARGET:.0%} below PyTorch eager", "met": cut >= E2E_TARGET,
-                    "value": cut, "detail": f"{best['variant']}: {_p50(best, '1', 'e2e_latency_ms'):.1f} ms vs "
-                                            f"{_p50(eager, '1', 'e2e_latency_ms'):.1f} ms, {cut:.1%} below "
-                                            f"(KL {best['quality']['kl_divergence']:.4f})"})
-    else:
-        out.append({"target": "e2e latency 80% below PyTorch eager", "met": None,
-                    "detail": "no PyTorch row or no variant passes the KL gate"})
-
-    for precision, peer in (("fp32", "genai-fp32"), ("int4", "genai-int4")):
-        mine = [r for r in ours if r["precision"] == precision and not r.get("pruned") and _p50(r, "1", "tpot_ms")]
-        theirs = next((r for r in rows if r["variant"] == peer), None)
-        label = f"recipec's best {precision} TPOT (batch 1, p50) no slower than onnxruntime-genai {precision}"
-        if not mine or theirs is None or not _p50(theirs, "1", "tpot_ms"):
-            why = "onnxruntime-genai row missing" if theirs is None else f"no recipec {precision} variant"
-            out.append({"target": label, "met": None, "detail": why})
-            continue
-        best = min(mine, key=lambda r: _p50(r, "1", "tpot_ms"))
-        a, b = _p50(best, "1", "tpot_ms"), _p50(theirs, "1", "tpot_ms")
-        out.append({"target": label, "met": a <= b, "value": a / b,
-                    "detail": f"{best['variant']} {a:.2f} ms vs {peer} {b:.2f} ms ({a / b:.2f}x)"})
-
-    mbus = [(r["runs"]["1"]["mbu"], r["variant"], bool(r["runs"]["1"].get("fits_in_llc"))) for r in ours
-            if r["runs"].get("1", {}).get("mbu")]
-    if mbus:
-        listing = ", ".join(f"{v} {m:.2f}" + ("†" if llc else "") for m, v, llc in mbus)
-        bound = [x for x in mbus if not x[2]]  # variants whose decode bytes do not fit in the last-level cache
-        if bound:
-            top = max(bound)
-            met, detail = top[0] > MBU_TARGET, f"best memory-bound variant {top[1]} {top[0]:.2f}; all: {listing}"
-        else:
-            met = None
-            detail = (f"all: {listing}; † every variant's decode bytes fit in the last-level cache here, so memory "
-                      "bandwidth bounds nothing and MBU says little: judge it on a model that does not fit "
-                      "(--size medium)")
-        out.append({"target": f"decode MBU > {MBU_TARGET} at batch 1", "met": met,
-                    "value": max(bound)[0] if bound else None, "detail": detail})
-    return out
-
-
-# ---------------------------------------------------------------- markdown
-
-def _mib(n: float | None) -> str:
-    return "-" if n is None else f"{n / 2**20:.1f}"
-
-
-def _cell(run: dict[str, Any], key: str, digits: int = 1, spread: bool = True) -> str:
-    s = run.get(key)
-    if not s:
-        return "-"
-    text = f"{s['p50']:.{digits}f}"
-    if spread and s["n"] > 1 and s["p50"]:
-        half = (s["p90"] - s["p10"]) / 2 / s["p50"]
-        text += f" ±{half:.0%}" if half < 10 else " ±>999%"
-    ratio = (run.get("ratio_to_pytorch") or {}).get(key)
-    return text + (f" ({ratio:.2f}×)" if ratio is not None else "")
-
-
-def render_section(results: dict[str, Any]) -> str:
-    hw = results["hardware"]
-    command = f"python bench/run.py --size {results['size']}" + (
-        f" --threads {results['threads']}" if results["threads"] else "")
-    busy = " **The host was busy: these timings are not final.**" if results["busy"] else ""
-    phases = ", ".join(f"{k} {v:.0f}" for k, v in results.get("phase_seconds", {}).items())
-    lines = [(f"Run {results['started_at']} on {hw['name']} ({hw['cores']} cores, {hw['memory_gb']:.0f} GiB), "
-              f"`{command}`: {results['wall_seconds'] / 60:.1f} min wall. Host load average (1/5/15 min) at start "
-              f"{results['load_avg_start']}, at end {results['load_avg_end']}.{busy}"),
-             "",
-             (f"Measured memory bandwidth (the physical limit): **{results['bandwidth_gb_s']:.2f} GB/s** "
-              f"({results['bandwidth_method']})."),
-             "",
-             f"Phases (s): {phases} (recipec phases include its builds: a stage missing from recipec's cache runs once).",
-             ""]
-    for model in results["models"]:
-        cfg = model["config"]
-        lines += [f"### {model['model']}: {model['parameters'] / 1e6:.1f}M parameters", "",
-                  (f"`{model['recipe']}`: hidden {cfg.get('hidden_size')}, {cfg.get('num_hidden_layers')} layers, "
-                   f"{cfg.get('num_attention_heads')} heads / {cfg.get('num_key_value_heads')} kv heads, vocabulary "
-                   f"{cfg.get('vocab_size')}; prompt {model['workload']['prompt_tokens']}, output "
-                   f"{model['workload']['output_tokens']}, {model['workload']['requests']} requests per batch size."),
-                  ""]
-        header = ["system", "variant", "prec.", "B", "TTFT ms", "TPOT ms", "e2e ms", "tok/s", "TPOT floor ms", "MBU",
-                  "peak MiB", "size MiB", "KL", "ppl", "load"]
-        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for row in model["rows"]:
-            if row["status"] != "ok":
-                lines.append(f"| {row['system']} | {row['variant']} | {row['precision']} | | "
-                             f"**{row['status']}**: {row['reason']} |" + " |" * (len(header) - 5))
-                continue
-            q = row["quality"] or {}
-            for batch, run in sorted(row["runs"].items(), key=lambda kv: int(kv[0])):
-                ratio_mem = (run.get("ratio_to_pytorch") or {}).get("peak_memory_mb")
-                size_ratio = row.get("artifact_ratio_to_pytorch")
-                lines.append("| " + " | ".join([
-                    row["system"], row["variant"], row["precision"], batch,
-                    _cell(run, "ttft_ms"), _cell(run, "tpot_ms", 2), _cell(run, "e2e_latency_ms", 0),
-                    _cell(run, "output_throughput_tok_s", 0, spread=row["system"] != "recipec"),
-                    "-" if run.get("tpot_floor_ms") is None else f"{run['tpot_floor_ms']:.2f}",
-                    "-" if run.get("mbu") is None else f"{run['mbu']:.2f}" + ("†" if run.get("fits_in_llc") else ""),
-                    "-" if not run.get("peak_memory_mb") else f"{run['peak_memory_mb']:.0f}"
-                    + (f" ({ratio_mem:.2f}×)" if ratio_mem else ""),
-                    _mib(row["artifact_bytes"]) + (f" ({size_ratio:.2f}×)" if size_ratio else ""),
-                    "-" if q.get("kl_divergence") is None else f"{q['kl_divergence']:.4f}",
-                    "-" if q.get("perplexity") is None else f"{q['perplexity']:.2f}",
-                    ",".join(f"{x:.1f}" for x in (run.get("host_load_avg") or [])[:1] if x is not None) or "-",
-                ]) + " |")
-        if any(run.get("fits_in_llc") for row in model["rows"] for run in row["runs"].values()):
-            llc = results.get("last_level_cache") or {}
-            lines += ["", (f"† the bytes a decode step reads fit in the {llc.get('bytes', 0) / 2**20:.0f} MiB last-level "
-                           "cache, so memory bandwidth is no bound for this run (MBU can exceed 1); copy bandwidth "
-                           f"inside that cache measured {llc.get('bandwidth_gb_s', 0):.1f} GB/s.")]
-        lines += ["", "Targets:", ""]
-        for t in model["targets"]:
-            mark = {True: "**met**", False: "**not met**", None: "**not evaluated**"}[t["met"]]
-            lines.append(f"- {t['target']}: {mark} — {t['detail']}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def update_docs(results: dict[str, Any], docs: Path) -> None:
-    begin, end = f"<!-- bench:{results['size']}:begin -->", f"<!-- bench:{results['size']}:end -->"
-    section = f"{begin}\n{render_section(results)}\n{end}"
-    text = docs.read_text() if docs.is_file() else "# Benchmarks\n"
-    if begin in text and end in text:
-        text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + f"\n\n## Results: --size {results['size']}\n\n{section}\n"
-    docs.write_text(text)
 
 
 # ---------------------------------------------------------------- main

@@ -69,7 +69,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{dt.date.today().isoformat()}-{platform.node()}-scale-out.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"| executor | wall s | stages built | nodes | recommended |\n|---|---|---|---|---|")
+    print("| executor | wall s | stages built | nodes | recommended |\n|---|---|---|---|---|")
     for key in ("local", "ray_2_nodes"):
         r = results[key]
         print(f"| {key} | {r['seconds']} | {r['stages_built']} | {len(r['nodes'])} | {r['recommended']} |")
