@@ -9,6 +9,7 @@ from recipec.errors import EXIT_FAILED, EXIT_INVALID, RecipecError, UsageError
 
 if TYPE_CHECKING:  # the engine loads numpy; every command starts by importing this module
     from recipec.runtime.engine import Policy
+    from recipec.runtime.speculative import SpecConfig
 
 EXIT_OK, EXIT_INTERRUPTED = 0, 130
 __all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_INVALID", "EXIT_INTERRUPTED", "run_guarded", "report_error"]
@@ -43,3 +44,31 @@ def override_policy(base: Policy, args, command: str) -> Policy:
         return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
     except ValueError as exc:
         raise UsageError(f"{command}: {exc}") from None
+
+
+def speculation(args, serving: dict) -> "SpecConfig | None":
+    """The recipe's serving.speculative with the command line's --speculative, --speculative-tokens and (recipec
+    run) --draft applied; None for none."""
+    from recipec.runtime.speculative import SpecConfig
+
+    if args.speculative_tokens is not None and args.speculative_tokens < 1:
+        raise UsageError("--speculative-tokens must be at least 1")
+    section = dict(serving.get("speculative") or {})
+    if args.speculative == "off" or not (section or args.speculative):
+        return None
+    if args.speculative and args.speculative != section.get("method"):
+        # Another method: the recipe's draft (and its K, tuned for its method) does not carry over.
+        section = {"method": args.speculative}
+    draft = getattr(args, "draft", None)
+    overrides = {"tokens": args.speculative_tokens, "draft": draft}
+    section.update({key: value for key, value in overrides.items() if value is not None})
+    if section["method"] == "draft" and not section.get("draft"):
+        raise UsageError("speculative method draft needs the draft's variant: --draft VARIANT")
+    if section["method"] == "ngram":
+        if draft:
+            console.warn("--draft is for --speculative draft; ngram lookup needs no draft model")
+        section.pop("draft", None)
+    try:
+        return SpecConfig(**section)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None

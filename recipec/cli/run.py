@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from recipec.cli.common import EXIT_OK
+from recipec.cli.common import EXIT_OK, speculation
 from recipec.core import builddir, console
 from recipec.errors import UsageError
 
@@ -41,7 +41,7 @@ def cmd_run(args) -> int:
     lm = runtime.load(variant_dir, device=args.device)
     tokenizer = runtime.tokenizer(variant_dir)
     prompt = _prompt_ids(args.prompt, tokenizer)
-    spec = _speculation(args)
+    spec = speculation(args, _recipe_serving(args.build_dir))
     proposer = _proposer(spec, lm, args) if spec is not None else None
     stream = _Stream(tokenizer, prompt)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -73,32 +73,6 @@ def _proposer(spec, lm, args):
         return make_proposer(spec, lm, draft)
     except ValueError as exc:  # a draft whose vocabulary is not the target's
         raise UsageError(f"draft variant {spec.draft!r}: {exc}") from None
-
-
-def _speculation(args):
-    """The recipe's serving.speculative with the command line's flags applied; None for none."""
-    from recipec.runtime.speculative import SpecConfig
-
-    if args.speculative_tokens is not None and args.speculative_tokens < 1:
-        raise UsageError("--speculative-tokens must be at least 1")
-    section = dict(_recipe_serving(args.build_dir).get("speculative") or {})
-    if args.speculative == "off" or not (section or args.speculative):
-        return None
-    if args.speculative and args.speculative != section.get("method"):
-        # Another method: the recipe's draft (and its K, tuned for its method) does not carry over.
-        section = {"method": args.speculative}
-    overrides = {"tokens": args.speculative_tokens, "draft": args.draft}
-    section.update({key: value for key, value in overrides.items() if value is not None})
-    if section["method"] == "draft" and not section.get("draft"):
-        raise UsageError("speculative method draft needs the draft's variant: --draft VARIANT")
-    if section["method"] == "ngram":
-        if args.draft:
-            console.warn("--draft is for --speculative draft; ngram lookup needs no draft model")
-        section.pop("draft", None)
-    try:
-        return SpecConfig(**section)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
 
 
 def _recipe_serving(build_dir: Path) -> dict:

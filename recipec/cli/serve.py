@@ -8,7 +8,7 @@ import socket
 import sys
 from pathlib import Path
 
-from recipec.cli.common import EXIT_OK, override_policy, run_guarded
+from recipec.cli.common import EXIT_OK, override_policy, run_guarded, speculation
 from recipec.core import console
 from recipec.core.builddir import command_manifest
 from recipec.errors import UsageError
@@ -44,6 +44,11 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", choices=list(POLICIES), help="batching policy (default: the recipe's)")
     p.add_argument("--max-batch-size", type=int, help="default: the recipe's")
     p.add_argument("--max-wait-ms", type=float, help="dynamic batching's wait (default: the recipe's)")
+    p.add_argument("--speculative", choices=["ngram", "off"],
+                   help="speculative decoding by prompt lookup in the engine; overrides the recipe's "
+                        "serving.speculative (off: none; a draft model runs in recipec run only)")
+    p.add_argument("--speculative-tokens", type=int, metavar="K",
+                   help="tokens proposed per step (default: the recipe's, else 4)")
     p.add_argument("--chat-template", type=Path, metavar="FILE",
                    help="a Jinja chat template for /v1/chat/completions (default: the recipe's serving.chat_template, "
                         "else the tokenizer's own)")
@@ -89,18 +94,28 @@ def cmd_serve(args) -> int:
     _check_port(args.host, args.port)
     serving = command_manifest(args.build_dir, [args.variant])["recipe"]["resolved"].get("serving", {})
     policy = override_policy(policy_from_serving(serving), args, "serve")
+    spec = speculation(args, serving)
+    if spec is not None and spec.method != "ngram":
+        console.warn(f"serving.speculative is {spec.method}: the server's engine speculates by prompt lookup only "
+                     "(--speculative ngram); serving without speculation")
+        spec = None
     template = _chat_template(args.chat_template)
     log = _access_log(args.access_log)  # before loading the model: a bad path fails at once
     try:
         service = build_service(args.build_dir, args.variant, policy, args.device, args.threads, args.max_queue,
-                                args.max_queue_per_client, limits.request_timeout, template, args.metric_names)
+                                args.max_queue_per_client, limits.request_timeout, template, args.metric_names,
+                                spec)
         if not _loopback(args.host):
             console.warn(f"listening on {args.host}: reachable from other machines, "
                          + ("without TLS: put a TLS proxy in front (docs/deploy.md)" if access.api_keys
                             else "with no authentication (--api-key) and no TLS (docs/deploy.md)"))
         console.say(f"serving {service.spec.name} on http://{args.host}:{args.port} ({policy.batching} "
                     f"batching, max batch {policy.max_batch_size}, max queue {args.max_queue}, "
-                    f"{service.per_client} per client{', API keys on' if access.api_keys else ''}); Ctrl-C stops")
+                    f"{service.per_client} per client{', API keys on' if access.api_keys else ''}"
+                    + (f", speculative ngram K={spec.tokens}" if service.engine.speculation else "") + "); Ctrl-C stops")
+        if spec is not None and service.engine.speculation is None:
+            console.warn("this variant's graph has no shared KV buffer (fuse kv_buffer: shared), which speculation in "
+                         "the engine needs; serving without speculation")
         chat = service.spec.chat_template
         console.say(f"chat template: {chat.origin}" if chat is not None else
                     "no chat template: /v1/chat/completions answers 400 (--chat-template FILE gives one)")

@@ -250,7 +250,7 @@ def kv_cache_layout(graph: dict[str, Any], proto: onnx.ModelProto | None = None)
 
 # GroupQueryAttention inputs that carry padding or per-row query lengths outside the attention mask: with
 # either, the kernel cannot take genai's right-padded rows in a shared buffer.
-_GQA_ATTENTION_BIAS, _GQA_QUERY_SEQLENS = 10, 16
+_GQA_ATTENTION_BIAS = 10
 
 
 def kv_buffer(proto: onnx.ModelProto) -> str:
@@ -262,7 +262,9 @@ def kv_buffer(proto: onnx.ModelProto) -> str:
         return "growing"
     def extra(node, index):
         return len(node.input) > index and node.input[index] != ""
-    if any(extra(n, _GQA_ATTENTION_BIAS) or extra(n, _GQA_QUERY_SEQLENS) for n in gqa):
+    # recipec's growing form feeds the exporter's mask as attention_bias; the shared form (and genai's) takes
+    # its lengths from the mask, with query_seqlens or without
+    if any(extra(n, _GQA_ATTENTION_BIAS) for n in gqa):
         return "growing"
     return "shared"
 

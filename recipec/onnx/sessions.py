@@ -169,8 +169,8 @@ def max_logit_diffs(reference: ort.InferenceSession, candidate: ort.InferenceSes
                     pad: int = 3, batched_chunk: bool = True) -> dict[str, float]:
     """max |Δlogits| and |Δpresent| over real (unpadded) positions: a left-padded prefill, the same prefill
     with logits_to_keep=1, a decode step, then a 3-token step with a past (speculative / chunked prefill), of
-    the whole batch or, for a graph that runs such steps at batch 1 only (a shared-buffer graph, checked
-    unpadded: `pad` 0; GroupQueryAttention without query_seqlens: `batched_chunk` False), of its last row."""
+    the whole batch or, for a graph that runs such steps at batch 1 only (GroupQueryAttention without
+    query_seqlens: `batched_chunk` False), of its last row. A shared-buffer graph is checked unpadded (`pad` 0)."""
     io = DecoderIO.of(reference)
     prefill, decode_ids, chunk_ids = seeded_cases(io, seed, pad=pad)
     diffs, ref = _compare_step(reference, candidate, prefill, "prefill")
@@ -178,7 +178,7 @@ def max_logit_diffs(reference: ort.InferenceSession, candidate: ort.InferenceSes
     decode = io.step(prefill, [ref[_present(n)] for n, _, _ in io.past], decode_ids)
     more, ref = _compare_step(reference, candidate, decode, "decode")
     chunk = io.step(decode, [ref[_present(n)] for n, _, _ in io.past], chunk_ids)
-    if not (pad and batched_chunk):  # a graph that takes several new tokens after a past at batch 1 only
+    if not batched_chunk:  # a graph that takes several new tokens after a past at batch 1 only
         chunk = {name: value[-1:] for name, value in chunk.items()}
     return {**diffs, **more, **_compare_step(reference, candidate, chunk, "chunk")[0]}
 

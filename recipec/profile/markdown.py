@@ -106,7 +106,21 @@ def _speculative_md(report: dict[str, Any]) -> list[str]:
     how = next(v["speculative"]["how"] for v in report["variants"].values() if v.get("speculative"))
     return ["## Speculative decoding", "", how[0].upper() + how[1:] + ".", "",
             table(["variant", "proposer", "same greedy output", "acceptance", "tokens / target step",
-                   "TPOT plain ms", "TPOT speculative ms", "ratio"], rows), ""]
+                   "TPOT plain ms", "TPOT speculative ms", "ratio"], rows), "", *_engine_speculation_md(report)]
+
+
+def _engine_speculation_md(report: dict[str, Any]) -> list[str]:
+    """The serving runs' own speculation (the engine's, ngram): per variant and run."""
+    rows = [[f"**{name}**", run["batching"], str(run.get("concurrency", run.get("rate_rps"))),
+             fmt(s.get("acceptance_rate")) if s["ran"] else f"did not run: {s['why']}",
+             fmt(s.get("tokens_per_target_step")) if s["ran"] else "", fmt(run["tpot_ms"]["p50"])]
+            for name, v in report["variants"].items() for run in v.get("serving", [])
+            if (s := run.get("speculation"))]
+    if not rows:
+        return []
+    return ["The serving runs above speculated in the engine (every row of a batch verified in one forward; "
+            "counts include warmup requests):", "",
+            table(["variant", "batching", "load", "acceptance", "tokens / target step", "TPOT p50 ms"], rows), ""]
 
 
 def _gates_md(report: dict[str, Any]) -> list[str]:

@@ -36,6 +36,7 @@ from recipec.profile.sweep import expand_runs
 from recipec.profile.workload import measure_batch_prompting, workload_sections
 from recipec.runtime.records import RequestRecord, StepRecord
 from recipec.runtime.slots import step_model
+from recipec.runtime.speculative import SpecConfig
 
 _DEFAULT_BATCHING = {"policy": "continuous", "max_batch_size": 8, "max_wait_ms": 5.0, "max_tokens_per_step": 4096}
 
@@ -70,6 +71,9 @@ def serving_plan(spec: dict[str, Any]) -> list[dict[str, Any]]:
     else:
         loads = [{"rate_rps": float(r), "burstiness": float(w.get("burstiness", 1.0)),
                   "max_concurrency": w.get("max_concurrency")} for r in sorted(_as_list(w["rate_rps"]))]
+    speculative = spec.get("speculative") or {}
+    if speculative.get("method") == "ngram":  # the engine's own speculation; a draft runs in recipec run only
+        common["speculative"] = speculative
     return [{"batching": p, **common, **load} for p in _as_list(b["policy"]) for load in loads]
 
 
@@ -114,8 +118,9 @@ def measure_runs(model, runs: Sequence[dict[str, Any]], vocab_size: int, device:
         log(f"serving {run['batching']} " + (f"concurrency {run['concurrency']}" if "concurrency" in run
                                              else f"{run['rate_rps']:.3g} req/s"))
         with PeakMemory(device) as mem:
-            res = _one_run(model, run, vocab_size, clock or RealClock(), cache_ops or CacheOps())
+            res, speculation = _one_run(model, run, vocab_size, clock or RealClock(), cache_ops or CacheOps())
         return {"run": run, "records": [asdict(r) for r in res.records], "steps": [asdict(s) for s in res.steps],
+                "speculation": speculation,
                 "peak_memory_mb": mem.peak_mb, "peak_memory_source": mem.source,
                 # other processes competing for the cores inflate latencies; say how busy the host was
                 "host_load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
@@ -127,11 +132,24 @@ def _one_run(model, run: dict[str, Any], vocab: int, clock, cache_ops):
     policy = Policy(run["batching"], run["max_batch_size"], run["max_wait_ms"], run["max_tokens_per_step"])
     # slots for a shared-buffer graph, preallocated for the workload's longest sequence
     model = step_model(model, policy.max_batch_size, _longest(run["prompt_tokens"]) + _longest(run["output_tokens"]))
-    engine = Engine(model, policy, clock, cache_ops, eos_token_id=getattr(model, "eos_token_ids", None))
+    speculation = SpecConfig(**run["speculative"]) if run.get("speculative") else None
+    engine = Engine(model, policy, clock, cache_ops, eos_token_id=getattr(model, "eos_token_ids", None),
+                    speculation=speculation)
     w = _workload(run)
     if "concurrency" in run:
-        return run_closed_loop(engine, w, vocab, run["concurrency"], clock)
-    return run_open_loop(engine, w, vocab, run["rate_rps"], clock, run["burstiness"], run.get("max_concurrency"))
+        result = run_closed_loop(engine, w, vocab, run["concurrency"], clock)
+    else:
+        result = run_open_loop(engine, w, vocab, run["rate_rps"], clock, run["burstiness"], run.get("max_concurrency"))
+    return result, _speculation_stats(engine, speculation)
+
+
+def _speculation_stats(engine: Engine, asked: SpecConfig | None) -> dict[str, Any] | None:
+    """What the run's speculation did (warmup requests included); why it did not run, when asked and not."""
+    if asked is None:
+        return None
+    if engine.speculation is None:
+        return {"ran": False, "why": "the variant's graph has no shared KV buffer (fuse kv_buffer: shared)"}
+    return {"ran": True, **engine.spec_stats.as_dict()}
 
 
 def _worker_main(argv: list[str]) -> int:
@@ -193,6 +211,8 @@ def summarize_raw(raw: dict[str, Any], cost: ModelCost | None, peaks: Peaks | No
         summary.setdefault(k, None)
     # the values behind the summary's ttft/tpot/e2e statistics (the report's plots draw them)
     samples = {k: v for k, v in latency_samples(records).items() if k != "itl_ms"}
+    if raw.get("speculation"):
+        summary["speculation"] = raw["speculation"]
     return {**run, **summary, "slo": slo, "peak_memory_mb": raw["peak_memory_mb"],
             "peak_memory_source": raw["peak_memory_source"], "host_load_avg_1m": raw.get("host_load_avg_1m"),
             "samples": samples}

@@ -33,9 +33,12 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
+from recipec.runtime.proposers import Proposal, Sampler, lookup
 from recipec.runtime.records import RequestRecord, StepRecord
+from recipec.runtime.speculative import SpecConfig, SpecStats, verify
 
 POLICIES = ("static", "dynamic", "continuous")
+_ARGMAX = Sampler()  # verification by argmax: the engine's own tokens are greedy (SamplingEngine._greedy)
 
 
 class Clock(Protocol):
@@ -145,8 +148,14 @@ class Request:
 class Engine:
     def __init__(self, model: StepModel, policy: Policy, clock: Clock | None = None,
                  cache_ops: CacheOps | None = None, eos_token_id: int | Sequence[int] | None = None,
-                 record_steps: bool = True):
+                 record_steps: bool = True, speculation: SpecConfig | None = None):
         self.model, self.policy = model, policy
+        if speculation is not None and speculation.method != "ngram":
+            raise ValueError("the engine speculates with ngram (prompt lookup) only; a draft model runs in "
+                             "recipec run (generate_speculative)")
+        # a model without `verify` (the growing-cache OnnxLM, a test's fake) decodes one token per step
+        self.speculation = speculation if hasattr(model, "verify") else None
+        self.spec_stats = SpecStats()
         self.clock = clock or RealClock()
         self.ops = cache_ops or CacheOps()
         self.eos_token_id = eos_token_id  # one id or several (generation_config may list many)
@@ -282,13 +291,61 @@ class Engine:
         self._retire_rows()
 
     def _decode(self) -> None:
+        if self.speculation is not None and self._speculate():
+            return
         live = [r for r in self._rows if not r.finished]
         past = self.ops.length(self._cache)
         tokens, self._cache = self._run(
             "decode", lambda: self.model.decode([r.tokens[-1] for r in self._rows], self._cache),
             [len(r.prompt) + len(r.tokens) for r in live], past + 1, self._rows)
         self._emit(self._rows, tokens, self.clock.now())
+        if self.speculation is not None:  # a plain step is a target step that emitted one token per row
+            self.spec_stats.target_steps += len(live)
+            self.spec_stats.step_tokens += len(live)
         self._retire_rows()
+
+    def _speculate(self) -> bool:
+        """One verification step for every row (docs/speculative.md, "In the engine"): each row's n-gram lookup,
+        padded to the longest so that every row feeds the same tokens; a padding token the target happens to
+        pick is kept like a proposal, since only the target's argmax is ever emitted. False (decode plainly)
+        when nothing was proposed, a row samples or wants logprobs, or the graph cannot verify this batch."""
+        spec, rows = self.speculation, self._rows
+        if not (self._greedy(rows) and self.model.verifies(self._cache)):
+            return False
+        proposals = [lookup(r.prompt + r.tokens, min(spec.tokens, r.max_new_tokens - len(r.tokens) - 1),
+                            spec.max_ngram) if not r.finished and r.max_new_tokens - len(r.tokens) > 1 else []
+                     for r in rows]
+        width = max(map(len, proposals))
+        past = self.ops.length(self._cache)
+        if width == 0 or past + width + 1 > getattr(self.model, "context_length", float("inf")):
+            return False
+        fed = [[r.tokens[-1], *p, *[r.tokens[-1]] * (width - len(p))] for r, p in zip(rows, proposals)]
+        t0 = self.clock.now()
+        logits = self.model.verify(np.asarray(fed, np.int64), self._cache)
+        kept = [verify(logits[i], Proposal(fed[i][1:]), _ARGMAX) for i in range(len(rows))]
+        self.model.keep(self._cache, [width - accepted for accepted, _ in kept])
+        live = [r for r in rows if not r.finished]
+        if self.record_steps:
+            self.steps.append(StepRecord("decode", t0, self.clock.now(), [len(r.prompt) + len(r.tokens) for r in live],
+                                         len(rows), past + width + 1, getattr(self.model, "session_seconds", None)))
+        t = self.clock.now()
+        stats = self.spec_stats
+        for r, proposal, (accepted, new) in zip(rows, proposals, kept):
+            if r.finished:
+                continue
+            before = len(r.tokens)
+            for token in new:
+                self._emit([r], np.asarray([token]), t)
+            stats.target_steps += 1
+            stats.proposed += len(proposal)
+            stats.accepted += min(accepted, len(proposal))
+            stats.step_tokens += len(r.tokens) - before
+        self._retire_rows()
+        return True
+
+    def _greedy(self, rows: Sequence[Request]) -> bool:
+        """Whether every row picks tokens by argmax alone (what verification by argmax reproduces)."""
+        return True
 
     def _emit(self, reqs: Sequence[Request], tokens: np.ndarray, t: float) -> None:
         for r, tok in zip(reqs, tokens.tolist()):

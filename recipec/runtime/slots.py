@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from recipec.onnx import artifact as art
+from recipec.onnx import requires
 
 _ELEMENT_TYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
 DEFAULT_CAPACITY = 256
@@ -122,6 +123,38 @@ class SlotLM:
         self.lengths[batch.slots] += 1
         return logits[rows], batch
 
+    def verify(self, tokens: np.ndarray, batch: SlotBatch) -> np.ndarray:
+        """Speculative verification: every row feeds its S tokens [last, proposals...] after its cache, all
+        written in place; logits [B, S, V] after each. The rows' lengths grow by S: `keep` then takes back
+        what the target rejected, which is free here (a length, not a copy)."""
+        tokens = np.asarray(tokens, np.int64)
+        if tokens.ndim != 2 or tokens.shape[0] != batch.batch_size:
+            raise ValueError(f"verify got tokens of shape {tokens.shape} for a batch of {batch.batch_size} rows")
+        if not self.verifies(batch):
+            raise ValueError("this graph runs steps of several tokens after a past at batch 1 only "
+                             "(artifact.json requires.limits): verify one row at a time")
+        width = tokens.shape[1]
+        low, high = min(batch.slots), max(batch.slots) + 1
+        self._reserve(int(self.lengths[low:high].max()) + width)
+        rows = np.asarray(batch.slots) - low
+        ids = np.full((high - low, width), self.lm.pad_token_id, np.int64)
+        ids[rows] = tokens
+        positions = self.lengths[low:high, None] + np.arange(width)[None, :]
+        mask = (np.arange(int(positions.max()) + 1)[None, :] <= positions[:, -1:]).astype(np.int64)
+        logits = self._step("decode", low, high, ids, mask, positions, keep=width)
+        self.lengths[batch.slots] += width
+        return logits[rows]
+
+    def keep(self, batch: SlotBatch, dropped: Sequence[int]) -> None:
+        """Forget the last dropped[r] tokens of row r (the proposals the target rejected)."""
+        self.lengths[batch.slots] -= np.asarray(dropped, np.int64)
+
+    def verifies(self, batch: SlotBatch) -> bool:
+        """Whether `verify` runs this batch in one call: GroupQueryAttention without query_seqlens (a graph
+        for an older onnxruntime) takes several new tokens after a past at batch 1 only."""
+        limits = {entry.get("id") for entry in (self.lm.artifact.get("requires") or {}).get("limits", [])}
+        return requires.BATCH_1_CHUNKS not in limits or max(batch.slots) == min(batch.slots)
+
     # --- slots and buffers ------------------------------------------------------------------------------
 
     def in_use(self) -> set[int]:
@@ -161,7 +194,8 @@ class SlotLM:
     # --- one session run --------------------------------------------------------------------------------
 
     def _step(self, phase: str, low: int, high: int, ids: np.ndarray, mask: np.ndarray,
-              positions: np.ndarray) -> np.ndarray:
+              positions: np.ndarray, keep: int = 1) -> np.ndarray:
+        """Logits of the last `keep` positions: [rows, V] for one, else [rows, keep, V]."""
         sess = self.lm.prefill_session if phase == "prefill" else self.lm.session
         info = self.lm._info[phase]
         binding = self._binding(phase, sess, low, high)
@@ -170,13 +204,14 @@ class SlotLM:
         if info.position_ids:
             binding.bind_cpu_input("position_ids", positions.astype(np.int64))
         if info.select_logits:
-            binding.bind_ortvalue_input(art.LOGITS_TO_KEEP, self._one)
+            binding.bind_ortvalue_input(art.LOGITS_TO_KEEP, self._one if keep == 1 else
+                                        _ortvalue(np.array(keep, np.int64)))
         binding.bind_output("logits", "cpu")
         started = time.perf_counter()
         sess.run_with_iobinding(binding)
         self.session_seconds = time.perf_counter() - started
         logits = binding.get_outputs()[-1].numpy()
-        return logits[:, -1]
+        return logits[:, -1] if keep == 1 else logits[:, -keep:]
 
     def _binding(self, phase: str, sess: Any, low: int, high: int) -> Any:
         """The phase's IOBinding with rows [low, high) of every buffer bound as past and present (rebound

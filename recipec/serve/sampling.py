@@ -44,6 +44,14 @@ class SamplingEngine(Engine):
         """The log-probabilities of the token `request` was just given, when it asked for them (engine thread)."""
         return self._logprobs.pop(request.id, None)
 
+    def _greedy(self, rows: Sequence[Request]) -> bool:
+        """Speculation verifies by argmax and notes no log-probabilities: only for rows that ask for neither."""
+        for r in rows:
+            params = self._params.get(r.id)
+            if params is not None and (params.temperature >= TEMPERATURE_FLOOR or params.logprobs is not None):
+                return False
+        return True
+
     def _pick(self, logits, rows: Sequence[Request]) -> np.ndarray:
         return np.array([self._choose(np.asarray(logits[i:i + 1]), r) for i, r in enumerate(rows)], dtype=np.int64)
 

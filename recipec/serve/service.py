@@ -19,6 +19,7 @@ from recipec.core.builddir import VARIANTS, command_manifest
 from recipec.runtime import lm as runtime
 from recipec.runtime.engine import Policy, Request, policy_from_serving
 from recipec.runtime.slots import step_model
+from recipec.runtime.speculative import SpecConfig
 from recipec.serve.chat import load_chat_template
 from recipec.serve.limits import DEFAULT_MAX_QUEUE
 from recipec.serve.logprobs import TokenLogprob, prompt_logprobs
@@ -51,13 +52,14 @@ class Handle:
 class Service:
     def __init__(self, model: Any, spec: ModelSpec, policy: Policy, max_queue: int = DEFAULT_MAX_QUEUE,
                  max_queue_per_client: int | None = None, request_timeout: float | None = None,
-                 metric_names: str = "recipec"):
+                 metric_names: str = "recipec", speculation: SpecConfig | None = None):
         self.model, self.spec, self.policy, self.max_queue = model, spec, policy, max_queue
         # Half the queue by default: one client alone cannot fill it and lock the others out.
         self.per_client = max_queue_per_client if max_queue_per_client is not None else max(1, (max_queue + 1) // 2)
         self.request_timeout = request_timeout
         self.eos = tuple(getattr(model, "eos_token_ids", None) or ())
-        self.engine = SamplingEngine(model, policy, eos_token_id=self.eos or None, record_steps=False)
+        self.engine = SamplingEngine(model, policy, eos_token_id=self.eos or None, record_steps=False,
+                                     speculation=speculation)
         self.metrics = Metrics(metric_names, spec.context_length)
         self.lock = threading.Lock()
         self.waiting = self.running = 0
@@ -313,7 +315,8 @@ def _post(handle: Handle, event: tuple) -> None:
 def build_service(build_dir: Path, variant: str, policy: Policy | None = None, device: str | None = None,
                   threads: int | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
                   max_queue_per_client: int | None = None, request_timeout: float | None = None,
-                  chat_template: tuple[str, str] | None = None, metric_names: str = "recipec") -> Service:
+                  chat_template: tuple[str, str] | None = None, metric_names: str = "recipec",
+                  speculation: SpecConfig | None = None) -> Service:
     """Load a built variant under the recipe's serving policy (or the one given). chat_template: a template's
     text and where it came from (the command line), which replaces the recipe's and the tokenizer's."""
     manifest = command_manifest(build_dir, [variant])
@@ -330,4 +333,4 @@ def build_service(build_dir: Path, variant: str, policy: Policy | None = None, d
     policy = policy or policy_from_serving(serving)
     # a shared-buffer variant decodes in slots, one per batch row, the buffer growing with the longest request
     return Service(step_model(model, policy.max_batch_size), spec, policy, max_queue, max_queue_per_client,
-                   request_timeout, metric_names)
+                   request_timeout, metric_names, speculation)

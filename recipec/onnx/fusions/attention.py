@@ -144,9 +144,10 @@ class DecoderAttention(pattern.RewriteRuleClassBase):
                 q_lin, k_lin, v_lin, None, None, mask, past_key, past_value,
                 num_heads=heads, scale=scale, _domain=MS, _outputs=3)
         elif self._shared:
-            seqlens_k, total = _shared_buffer_lengths(op, self._mask_input)
+            seqlens_k, total, query_lens = _shared_buffer_lengths(op, self._mask_input, q_lin)
             out, present_key, present_value = op.GroupQueryAttention(
                 q_lin, k_lin, v_lin, past_key, past_value, seqlens_k, total,
+                None, None, None, None, None, None, None, None, None, query_lens,
                 num_heads=heads, kv_num_heads=kv_heads, scale=scale, _domain=MS, _outputs=3)
         else:
             tokens, first_past_key = self._length_sources
@@ -228,15 +229,19 @@ def _gqa_lengths(op, q_lin, past_key):
     return seqlens_k, total_scalar, query_lens
 
 
-def _shared_buffer_lengths(op, attention_mask):
+def _shared_buffer_lengths(op, attention_mask, q_lin):
     """onnxruntime-genai's convention for a shared past/present buffer: rows are right-padded, so row b holds
     sum(mask[b]) tokens and writes its new ones at that offset; total is the mask's width. The past buffer
-    may be longer than total (preallocated), which is what lets present alias past."""
+    may be longer than total (preallocated), which is what lets present alias past. query_seqlens = S for
+    every row (each row's S new tokens are all real) is what lets a step of several tokens after a past run
+    at batch > 1: speculative verification of a whole batch (recipec.runtime.slots)."""
     lengths = op.ReduceSum(attention_mask, op.Constant(value_ints=[1]), keepdims=0)
     seqlens_k = op.Cast(op.Sub(lengths, op.Constant(value_int=1)), to=ir.DataType.INT32)
     width = op.Shape(attention_mask, start=1, end=2)
     total = op.Cast(op.Reshape(width, op.Constant(value=ir.tensor(np.zeros(0, np.int64)))), to=ir.DataType.INT32)
-    return seqlens_k, total
+    query_lens = op.Expand(op.Cast(op.Shape(q_lin, start=1, end=2), to=ir.DataType.INT32),
+                           op.Shape(q_lin, start=0, end=1))
+    return seqlens_k, total, query_lens
 
 
 def attention_rules(kind: str, shared_buffer: bool = False) -> list[DecoderAttention]:
