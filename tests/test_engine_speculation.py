@@ -132,3 +132,19 @@ def test_recipec_serve_speculates_from_the_recipe_and_answers_as_without(shared_
         started = server.log.read_text()
     assert "speculative ngram K=3" in started
     assert speculative == plain and all(plain)
+
+
+def test_the_batch_1_comparison_runs_a_shared_buffer_variant_through_the_engine(shared_dir, exported):
+    from recipec.profile.speculative import measure_speculative
+
+    # the half window [9] * 6, whose greedy continuation on this model repeats one token for a while
+    windows = np.array([[9] * 12] * 2, dtype=np.int64)
+    serving = {"workload": {"output_tokens": NEW_TOKENS}}
+    spec = SpecConfig("ngram", tokens=3)
+    shared = measure_speculative(runtime.load(shared_dir, device="cpu"), shared_dir, spec, windows, serving)
+    growing_dir = exported("llama")[0]
+    growing = measure_speculative(runtime.load(growing_dir, device="cpu"), growing_dir, spec, windows, serving)
+    assert shared["path"] == "engine" and growing["path"] == "run"
+    for entry in (shared, growing):
+        assert entry["identical_greedy"] is True and entry["acceptance_rate"] > 0
+        assert entry["tokens_per_target_step"] > 1.0 and entry["new_tokens"] == NEW_TOKENS

@@ -98,14 +98,17 @@ def _placement_md(report: dict[str, Any]) -> list[str]:
 
 def _speculative_md(report: dict[str, Any]) -> list[str]:
     rows = [[f"**{name}**", f"{s['method']} K={s['tokens']}" + (f" ({s['draft']})" if s.get("draft") else ""),
+             {"engine": "engine (serve)", "run": "recipec run"}.get(s.get("path"), "recipec run"),
              "yes" if s["identical_greedy"] else "**no**", fmt(s["acceptance_rate"]), fmt(s["tokens_per_target_step"]),
              fmt(s["tpot_ms"]["plain"]), fmt(s["tpot_ms"]["speculative"]), fmt(s["tpot_ratio"])]
             for name, v in report["variants"].items() if (s := v.get("speculative"))]
     if not rows:
         return []
-    how = next(v["speculative"]["how"] for v in report["variants"].values() if v.get("speculative"))
+    how = ("measured: batch 1, greedy, the first half of each eval window as the prompt, decoded plainly and then "
+           "speculatively in the profiling process, through the serving engine over slots (ngram on a shared-buffer "
+           "variant) or recipec run's path (a draft model, or a growing cache); TPOT is the median over prompts")
     return ["## Speculative decoding", "", how[0].upper() + how[1:] + ".", "",
-            table(["variant", "proposer", "same greedy output", "acceptance", "tokens / target step",
+            table(["variant", "proposer", "path", "same greedy output", "acceptance", "tokens / target step",
                    "TPOT plain ms", "TPOT speculative ms", "ratio"], rows), "", *_engine_speculation_md(report)]
 
 
