@@ -130,8 +130,13 @@ def test_recipec_serve_speculates_from_the_recipe_and_answers_as_without(shared_
     with serving(build, tmp_path) as server:
         speculative = [complete(server, prompt) for prompt in LOOKUP_PROMPTS]
         started = server.log.read_text()
+        with urllib.request.urlopen(f"{server.url}/metrics", timeout=30) as response:
+            metrics = dict(line.rsplit(" ", 1) for line in response.read().decode().splitlines()
+                           if line and not line.startswith("#"))
     assert "speculative ngram K=3" in started
     assert speculative == plain and all(plain)
+    proposed, accepted = (int(metrics[f"recipec_spec_decode_{kind}_tokens_total"]) for kind in ("proposed", "accepted"))
+    assert proposed > 0 and 0 <= accepted <= proposed
 
 
 def test_the_batch_1_comparison_runs_a_shared_buffer_variant_through_the_engine(shared_dir, exported):

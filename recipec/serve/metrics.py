@@ -10,6 +10,7 @@ import threading
 from typing import Sequence
 
 from recipec.runtime.engine import Request
+from recipec.runtime.speculative import SpecStats
 
 METRIC_NAMES = ("recipec", "vllm", "both")
 # Histogram bounds in seconds, as vLLM's /metrics uses for the same quantities.
@@ -100,12 +101,33 @@ class Metrics:
         with self.lock:
             self.rejected[reason] += 1
 
-    def render(self, waiting: int, running: int, info: dict[str, str]) -> str:
+    def render(self, waiting: int, running: int, info: dict[str, str], speculation: SpecStats | None = None) -> str:
+        """`speculation`: the engine's counters when it speculates (the engine thread writes them; ints)."""
         with self.lock:
             lines = self._recipec(waiting, running, info) if self.names != "vllm" else []
             if self.names != "recipec":
                 lines += self._vllm(waiting, running, info["model"])
+            if speculation is not None:
+                lines += self._speculation(speculation, info["model"])
             return "\n".join(lines) + "\n"
+
+    def _speculation(self, stats: SpecStats, model: str) -> list[str]:
+        lines = []
+        if self.names != "vllm":
+            for name, value, what in (
+                    ("recipec_spec_decode_proposed_tokens_total", stats.proposed, "tokens prompt lookup proposed"),
+                    ("recipec_spec_decode_accepted_tokens_total", stats.accepted, "proposed tokens the target kept"),
+                    ("recipec_spec_decode_target_steps_total", stats.target_steps,
+                     "target forwards after prefill, per request row (verifications and plain steps)"),
+                    ("recipec_spec_decode_emitted_tokens_total", stats.step_tokens, "tokens those forwards emitted")):
+                lines += _family(name, "counter", what) + [f"{name} {value}"]
+        if self.names != "recipec":
+            labels = f'engine="0",model_name="{_escape(model)}"'
+            for name, value, what in (
+                    ("vllm:spec_decode_num_draft_tokens_total", stats.proposed, "Number of draft tokens."),
+                    ("vllm:spec_decode_num_accepted_tokens_total", stats.accepted, "Number of accepted tokens.")):
+                lines += _family(name, "counter", what) + [f"{name}{{{labels}}} {value}"]
+        return lines
 
     def _recipec(self, waiting: int, running: int, info: dict[str, str]) -> list[str]:
         labels = ",".join(f'{k}="{_escape(v)}"' for k, v in info.items())

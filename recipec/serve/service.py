@@ -285,7 +285,8 @@ class Service:
             waiting, running = self.waiting, self.running
         info = {"model": self.spec.name, "batching": self.policy.batching,
                 "max_batch_size": str(self.policy.max_batch_size)}
-        return self.metrics.render(waiting, running, info)
+        speculation = self.engine.spec_stats if self.engine.speculation is not None else None
+        return self.metrics.render(waiting, running, info, speculation)
 
 
 def _resolve(future: asyncio.Future, error: BaseException | None) -> None:
