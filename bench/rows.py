@@ -78,3 +78,29 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
             run["ratio_to_pytorch"] = ratio
         if row["artifact_bytes"] and ref["artifact_bytes"]:
             row["artifact_ratio_to_pytorch"] = row["artifact_bytes"] / ref["artifact_bytes"]
+
+
+def variant_ops(manifest: dict[str, Any], variant: str) -> list[dict[str, Any]]:
+    """The stages from the source to the variant, in order."""
+    stages = {s["id"]: s for s in manifest["stages"]}
+    chain, sid = [], manifest["variants"][variant]["stage"]
+    while sid in stages and sid != "source":
+        chain.append(stages[sid])
+        sid = stages[sid]["after"][0]
+    return chain[::-1]
+
+
+def precision_of(ops: list[dict[str, Any]]) -> str:
+    schemes = [s["params"].get("scheme") for s in ops if s["op"] == "quantize"]
+    if not schemes:
+        return "fp32"
+    return {"int8-dynamic": "int8", "int8-static": "int8", "int4": "int4", "fp16": "fp16"}[schemes[-1]]
+
+
+def phases_of(manifest: dict[str, Any], ops: list[dict[str, Any]]) -> dict[str, str | None] | None:
+    """A phase-split variant's prefill and decode graphs, as the variants of this build that are those stages
+    alone (None where a stage is no variant)."""
+    if not ops or ops[-1]["op"] != "phase_split":
+        return None
+    variant_of = {v["stage"]: name for name, v in manifest["variants"].items()}
+    return {"prefill": variant_of.get(ops[-1]["params"]["prefill"]), "decode": variant_of.get(ops[-1]["after"][0])}

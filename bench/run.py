@@ -36,7 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C
 from render import render_section, update_docs
-from rows import add_limits, add_ratios, make_row, recipec_runs, batch_runs
+from rows import add_limits, add_ratios, batch_runs, make_row, phases_of, precision_of, recipec_runs, variant_ops
 from targets import KL_GATE, evaluate_targets
 import numpy as np
 import yaml
@@ -45,6 +45,12 @@ RECIPES = C.BENCH / "recipes"
 SIZES = ("small", "medium")
 DOCS = C.ROOT / "docs" / "benchmarks.md"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+# Speculative decoding, per model key: measured at batch 1 on the eval windows (recipec.profile.speculative, as
+# a report's variants.<v>.speculative) by this script, so that the serving runs stay plain and every TPOT
+# compared with onnxruntime-genai is like for like. Only on the trained reference model: prompt lookup needs
+# text that repeats itself, not random weights. K = 2 was the best K on this model (docs/speculative.md).
+SPECULATE = {"reference": {"method": "ngram", "tokens": 2}}
 
 # The peers: (id, environment, system, precision). Their build commands are in build_peer.
 PEERS = [("genai-fp32", "genai", "onnxruntime-genai", "fp32"),
@@ -173,32 +179,6 @@ def source_dir(manifest: dict[str, Any]) -> Path:
     return entry.output
 
 
-def variant_ops(manifest: dict[str, Any], variant: str) -> list[dict[str, Any]]:
-    """The stages from the source to the variant, in order."""
-    stages = {s["id"]: s for s in manifest["stages"]}
-    chain, sid = [], manifest["variants"][variant]["stage"]
-    while sid in stages and sid != "source":
-        chain.append(stages[sid])
-        sid = stages[sid]["after"][0]
-    return chain[::-1]
-
-
-def precision_of(ops: list[dict[str, Any]]) -> str:
-    schemes = [s["params"].get("scheme") for s in ops if s["op"] == "quantize"]
-    if not schemes:
-        return "fp32"
-    return {"int8-dynamic": "int8", "int8-static": "int8", "int4": "int4", "fp16": "fp16"}[schemes[-1]]
-
-
-def _phases(manifest: dict[str, Any], ops: list[dict[str, Any]]) -> dict[str, str | None] | None:
-    """A phase-split variant's prefill and decode graphs, as the variants of this build that are those stages
-    alone (None where a stage is no variant)."""
-    if not ops or ops[-1]["op"] != "phase_split":
-        return None
-    variant_of = {v["stage"]: name for name, v in manifest["variants"].items()}
-    return {"prefill": variant_of.get(ops[-1]["params"]["prefill"]), "decode": variant_of.get(ops[-1]["after"][0])}
-
-
 # ---------------------------------------------------------------- models for the peers
 
 def hf_dir_with_tokenizer(src: Path, key: str) -> Path:
@@ -309,6 +289,9 @@ def bench_model(key: str, recipe_src: Path, args, phases: Phases, log_dir: Path)
                           "source_perplexity": src_q.get("source_perplexity")},
                          note="the reference of every ratio", threads=eager.get("threads")))
 
+    speculation = phases.run(f"{key}-speculative", lambda: measure_speculation(
+        report, tokens, SPECULATE[key], workload, args.threads)) if key in SPECULATE else {}
+
     # recipec's variants
     for variant, entry in report["variants"].items():
         ops = variant_ops(manifest, variant)
@@ -321,8 +304,8 @@ def bench_model(key: str, recipe_src: Path, args, phases: Phases, log_dir: Path)
                                                                  + (f", acc{s['params']['accuracy_level']}"
                                                                     if s["params"].get("accuracy_level") else "") + ")"
                                                                  if s["op"] == "quantize" else "") for s in ops),
-                             pruned=any(s["op"] == "prune" for s in ops), phase_split=_phases(manifest, ops),
-                             speculative=entry.get("speculative")))
+                             pruned=any(s["op"] == "prune" for s in ops), phase_split=phases_of(manifest, ops),
+                             speculative=speculation.get(variant)))
     for variant, why in unavailable.items():
         rows.append(make_row(key, "recipec", variant, "-", None, None, None, None, "not available", why))
 
@@ -379,6 +362,22 @@ def bench_model(key: str, recipe_src: Path, args, phases: Phases, log_dir: Path)
                                          for s in manifest["stages"]],
                               "measured_bandwidth_gb_s": report["hardware"].get("measured_bandwidth_gb_s")},
             "rows": rows}
+
+
+def measure_speculation(report: dict[str, Any], tokens: np.ndarray, spec: dict[str, Any], workload: dict[str, Any],
+                        threads: int) -> dict[str, dict[str, Any]]:
+    """Each variant decoded plainly and speculatively at batch 1, greedy, in this process."""
+    from recipec.profile.speculative import measure_speculative
+    from recipec.runtime.lm import load
+    from recipec.runtime.speculative import SpecConfig
+
+    out = {}
+    for variant, entry in report["variants"].items():
+        say(f"speculative decoding ({spec['method']}, K={spec['tokens']}) on {variant}, batch 1")
+        variant_dir = Path(entry["artifact"]["path"])
+        lm = load(variant_dir, device="cpu", threads=threads or None)
+        out[variant] = measure_speculative(lm, variant_dir, SpecConfig(**spec), tokens, {"workload": workload})
+    return out
 
 
 def _first_error(text: str) -> str:
