@@ -32,8 +32,9 @@ def evaluate_targets(model: dict[str, Any]) -> list[dict[str, Any]]:
 def _e2e(ours: list[dict[str, Any]], eager: dict[str, Any] | None) -> dict[str, Any]:
     label = (f"e2e latency (batch 1, p50) of the best variant with KL <= {KL_GATE} at most {E2E_TARGET:.2f}x "
              f"PyTorch eager's (goal {E2E_GOAL:.2f}x)")
-    passing = [r for r in ours if (r["quality"] or {}).get("kl_divergence") is not None
-               and r["quality"]["kl_divergence"] <= KL_GATE and p50(r, "1", "e2e_latency_ms")]
+    kl = {r["variant"]: _kl(r, ours) for r in ours}
+    passing = [r for r in ours if kl[r["variant"]] is not None and kl[r["variant"]] <= KL_GATE
+               and p50(r, "1", "e2e_latency_ms")]
     if not eager or not passing:
         return {"target": label, "met": None, "detail": "no PyTorch row or no variant passes the KL gate"}
     best = min(passing, key=lambda r: p50(r, "1", "e2e_latency_ms"))
@@ -42,7 +43,19 @@ def _e2e(ours: list[dict[str, Any]], eager: dict[str, Any] | None) -> dict[str, 
     goal = "goal met" if ratio <= E2E_GOAL else f"goal {E2E_GOAL:.2f}x not yet"
     return {"target": label, "met": ratio <= E2E_TARGET, "value": ratio,
             "detail": f"{best['variant']}: {ours_ms:.1f} ms vs {eager_ms:.1f} ms, {ratio:.3f}x ({goal}; "
-                      f"KL {best['quality']['kl_divergence']:.4f})"}
+                      f"KL {kl[best['variant']]:.4f})"}
+
+
+def _kl(row: dict[str, Any], ours: list[dict[str, Any]]) -> float | None:
+    """The row's KL; for a phase-split variant the larger of its own (the report's logit metrics run its
+    prefill graph, docs/phase-split.md) and its decode graph's, since its tokens after the first come from it."""
+    own = (row["quality"] or {}).get("kl_divergence")
+    split = row.get("phase_split") or {}
+    decode = next((r for r in ours if r["variant"] == split.get("decode")), None)
+    if not split or own is None:
+        return own
+    decode_kl = (decode["quality"] or {}).get("kl_divergence") if decode else None
+    return None if decode_kl is None else max(own, decode_kl)
 
 
 def _peer_tpot(ours: list[dict[str, Any]], rows: list[dict[str, Any]], precision: str, peer: str) -> dict[str, Any]:

@@ -69,3 +69,14 @@ def test_speculative_counts_only_variants_whose_output_stayed_identical():
     rows[2]["speculative"] = spec(0.7)
     assert by_start(rows, "speculative")["met"] is False
     assert not [t for t in targets.evaluate_targets({"rows": [row("fp32")]}) if t["target"].startswith("speculative")]
+
+
+def test_a_phase_split_variant_passes_the_kl_gate_only_if_its_decode_graph_does():
+    rows = [row("source model", system="pytorch-eager", e2e=1000.0),
+            row("int8", kl=0.001, e2e=300.0), row("int4", kl=0.06, e2e=200.0),
+            row("split", kl=0.001, e2e=100.0, phase_split={"prefill": "int8", "decode": "int4"})]
+    assert by_start(rows, "e2e")["detail"].startswith("int8: 300.0 ms")
+    rows[2]["quality"]["kl_divergence"] = 0.04
+    t = by_start(rows, "e2e")
+    assert t["detail"].startswith("split: 100.0 ms") and "KL 0.0400" in t["detail"] and t["value"] == pytest.approx(0.1)
+
