@@ -374,7 +374,7 @@ def measure_speculation(report: dict[str, Any], tokens: np.ndarray, spec: dict[s
     out = {}
     for variant, entry in report["variants"].items():
         say(f"speculative decoding ({spec['method']}, K={spec['tokens']}) on {variant}, batch 1")
-        variant_dir = Path(entry["artifact"]["path"])
+        variant_dir = C.CACHE / "out" / report["recipe"]["name"] / entry["artifact"]["path"]  # relative to the build
         lm = load(variant_dir, device="cpu", threads=threads or None)
         out[variant] = measure_speculative(lm, variant_dir, SpecConfig(**spec), tokens, {"workload": workload})
     return out
