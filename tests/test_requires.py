@@ -196,11 +196,13 @@ def test_onnxruntime_122_runs_the_older_group_query_attention(built, exported):
 
 
 def test_a_shared_buffer_runs_in_onnxruntime_120_through_the_slot_runtime(built, exported):
-    """GroupQueryAttention with the mask's lengths has 7 inputs: 1.20 takes it once onnxruntime 1.32's saved
-    default attributes (causal, 1.30) are dropped, and computes the tokens of the unfused graph."""
-    assert needs(built("llama", scheme="shared"))["because"] == [f"{GQA} attribute causal"]
+    """GroupQueryAttention with the mask's lengths has 7 inputs and query_seqlens (17, 1.32: batched speculative
+    verification): 1.20 takes it once query_seqlens and onnxruntime 1.32's saved default attributes (causal,
+    1.30) are dropped, then verifies at batch 1 only, and computes the tokens of the unfused graph."""
+    assert needs(built("llama", scheme="shared"))["because"][0] == f"{GQA} with 17 inputs"
     shared = built("llama", "1.20", "shared")
     assert ops_of(shared)[GQA] == 7 and needs(shared)["onnxruntime"] == "1.20"
+    assert [limit["id"] for limit in needs(shared)["limits"]] == [requires.BATCH_1_CHUNKS]
     answer = run_probe(peer_python("ort-1.20"), "slots", str(exported("llama")[0]), str(shared))
     assert answer["error"] is None and answer["tokens"] == answer["expected"], answer
 
