@@ -312,9 +312,9 @@ class Engine:
         spec, rows = self.speculation, self._rows
         if not (self._greedy(rows) and self.model.verifies(self._cache)):
             return False
-        proposals = [lookup(r.prompt + r.tokens, min(spec.tokens, r.max_new_tokens - len(r.tokens) - 1),
-                            spec.max_ngram) if not r.finished and r.max_new_tokens - len(r.tokens) > 1 else []
-                     for r in rows]
+        # a step emits its accepted proposals and one token more: propose no more than a row has room for
+        room = [0 if r.finished else min(spec.tokens, r.max_new_tokens - len(r.tokens) - 1) for r in rows]
+        proposals = [lookup(r.prompt + r.tokens, k, spec.max_ngram) if k > 0 else [] for r, k in zip(rows, room)]
         width = max(map(len, proposals))
         past = self.ops.length(self._cache)
         if width == 0 or past + width + 1 > getattr(self.model, "context_length", float("inf")):

@@ -82,6 +82,8 @@ class SlotLM:
         self._buffers = self._allocate(self.capacity)
         self._bindings: dict[str, tuple[Any, tuple[int, int, int] | None]] = {}
         self._one = _ortvalue(np.array(1, np.int64))
+        limits = {entry.get("id") for entry in (lm.artifact.get("requires") or {}).get("limits", [])}
+        self._batched_chunks = requires.BATCH_1_CHUNKS not in limits  # read once: `verifies` runs every step
 
     def __getattr__(self, name: str) -> Any:
         """Everything else (forward, generate's helpers, device, artifact) is the wrapped OnnxLM's."""
@@ -152,8 +154,7 @@ class SlotLM:
     def verifies(self, batch: SlotBatch) -> bool:
         """Whether `verify` runs this batch in one call: GroupQueryAttention without query_seqlens (a graph
         for an older onnxruntime) takes several new tokens after a past at batch 1 only."""
-        limits = {entry.get("id") for entry in (self.lm.artifact.get("requires") or {}).get("limits", [])}
-        return requires.BATCH_1_CHUNKS not in limits or max(batch.slots) == min(batch.slots)
+        return self._batched_chunks or max(batch.slots) == min(batch.slots)
 
     # --- slots and buffers ------------------------------------------------------------------------------
 
