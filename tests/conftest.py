@@ -194,3 +194,15 @@ def kill_at(proc: subprocess.Popen, marker: str, delay: float, deadline: float) 
     proc.kill()
     proc.wait()
     raise AssertionError(f"never saw {marker!r}: {seen[-3000:]}")
+
+
+# Files whose tests take the longest, started first: with `-n 2 --dist loadfile` a worker takes whole files in
+# collection order, so a long file collected last would run alone at the end while the other worker idles.
+LONGEST_FILES = ("test_lm_eval.py", "test_ray.py", "test_real_configs.py", "test_search.py", "test_build.py",
+                 "test_soak.py", "test_reliability.py", "test_workloads.py", "test_slo.py", "test_remote_cache.py",
+                 "test_wheel.py", "test_requires.py", "test_memory.py", "test_quantize_kv.py")
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))  # stable: order within a file kept

@@ -6,6 +6,7 @@ Each environment runs this checkout's recipec from PYTHONPATH, so a probe there 
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -40,6 +41,14 @@ def peer_python(name: str) -> Path:
     """The python of environment `name`, created when missing or stale; skips the test when it cannot be made
     (no network, no wheel for this Python), saying why."""
     requirements, probe = PEERS[name]
+    CACHE.mkdir(parents=True, exist_ok=True)
+    # pytest-xdist workers may ask for the same environment at once: the second waits for the first's
+    with open(CACHE / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _ensure(name, requirements, probe)
+
+
+def _ensure(name: str, requirements: list[str], probe: str) -> Path:
     venv = CACHE / name
     python, marker = venv / "bin" / "python", venv / ".requirements.json"
     wanted = json.dumps(requirements)
@@ -48,7 +57,7 @@ def peer_python(name: str) -> Path:
     try:
         if not python.exists():
             _run([sys.executable, "-m", "venv", str(venv)])
-        _run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *requirements])
+        _run([str(python), "-m", "pip", "install", "-q", "--no-compile", "--disable-pip-version-check", *requirements])
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
         output = (getattr(exc, "stderr", None) or getattr(exc, "output", None) or b"").decode(errors="replace")
         pytest.skip(f"cannot create the {name} environment in {venv} ({' '.join(requirements)}): "

@@ -82,6 +82,7 @@ def test_branches_run_on_both_nodes_and_match_the_local_build(cluster, tmp_path)
     assert all(v["serving"] for v in report["variants"].values())
 
 
+@pytest.mark.slow
 def test_a_worker_killed_during_a_stage_still_gives_a_complete_build(cluster, tmp_path):
     recipe = write(tmp_path, "killed", SLOW_STAGE)
     proc = subprocess.Popen([sys.executable, "-m", "recipec.cli", "build", str(recipe), "--out", str(tmp_path / "out"),
@@ -107,6 +108,7 @@ def test_a_worker_killed_during_a_stage_still_gives_a_complete_build(cluster, tm
     assert not list((tmp_path / "cache/tmp").iterdir())  # no partial entry left behind
 
 
+@pytest.mark.slow  # tests/test_remote_cache.py and test_reliability.py run concurrent builds of one key by default
 def test_two_concurrent_builds_build_every_key_once(cluster, tmp_path):
     recipe = write(tmp_path, "twice")
     env = env_for(tmp_path)

@@ -165,6 +165,7 @@ def kill_and_resume(tmp: Path, text: str, marker: str, delay: float = 1.0, profi
 
 # ---------------------------------------------------------------- kills
 
+@pytest.mark.slow  # tests/test_build.py kills builds in a stage and resumes them in the default run
 def test_kill_during_export_keeps_the_previous_build_and_resumes(workspace):
     # A new seed: every stage must run again, so the source finishes in the killed build and the export is cut.
     killed, resumed = kill_and_resume(workspace, recipe_text(seed=1), "running baseline", delay=0.1)
@@ -172,6 +173,7 @@ def test_kill_during_export_keeps_the_previous_build_and_resumes(workspace):
     assert "source" in stages(resumed, "cached") and "baseline" in stages(resumed, "running")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif("quantize" not in PASSES, reason="the quantize op is not registered in recipec/passes/__init__.py")
 def test_kill_during_quantization_keeps_the_previous_build_and_resumes(workspace):
     killed, resumed = kill_and_resume(workspace, recipe_text(seed=2), "running q8", delay=0.02)
@@ -215,6 +217,7 @@ def test_kill_during_pretraining_leaves_nothing_and_resumes(workspace):
 
 @pytest.mark.slow
 @pytest.mark.skipif("distill" not in PASSES, reason="the distill op is not registered in recipec/passes/__init__.py")
+@pytest.mark.slow
 def test_kill_during_distillation_keeps_the_previous_build_and_resumes(workspace):
     # 1 000 steps take ~8 s here (200 took 1.6 s on a quiet machine: a 2 s kill could land after the stage).
     passes = "  - {id: kd, op: distill, with: {steps: 1000, warmup_steps: 2, batch_size: 2, seq_len: 8}}\n"

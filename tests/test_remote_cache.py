@@ -214,9 +214,9 @@ def test_the_lease_of_a_dead_worker_is_taken_over(bucket, tmp_path, monkeypatch)
 
 def test_a_waiter_waits_for_a_live_lease_then_takes_it_over_when_it_runs_out(bucket, tmp_path, monkeypatch):
     client, name, url = bucket
+    cache = open_cache(url, tmp_path / "node", monkeypatch, [])  # first: opening it may take seconds on a busy host
     expires = time.time() + 1.5
     write_lease(client, name, "stalled:2:gone", expires)
-    cache = open_cache(url, tmp_path / "node", monkeypatch, [])
     waits: list[bool] = []
     with cache.lock(KEY, on_wait=lambda: waits.append(True)):
         taken = time.time()
