@@ -349,11 +349,11 @@ def load(variant_dir: Path | str, device: str = "auto", threads: int | None = No
     variant_dir = Path(variant_dir)
     artifact = art.read_artifact(variant_dir)
     phases = artifact.get("phases") or {}
-    spinning = not phases  # two sessions taking turns must not spin-wait against each other
+    alone = not phases  # two sessions taking turns must not spin-wait against each other between runs
     decode = session(variant_dir / phases.get("decode", {}).get("file", art.MODEL_FILE), resolved, threads=threads,
-                     spinning=spinning)
+                     spin_between_runs=alone)
     prefill = session(variant_dir / phases["prefill"]["file"], resolved, threads=threads,
-                      spinning=spinning) if phases else None
+                      spin_between_runs=alone) if phases else None
     return OnnxLM(decode, artifact, resolved, prefill_session=prefill)
 
 

@@ -81,6 +81,8 @@ class SlotLM:
         self._present = art.kv_names(kv["outputs"], kv["num_layers"])
         self._buffers = self._allocate(self.capacity)
         self._bindings: dict[str, tuple[Any, tuple[int, int, int] | None]] = {}
+        self._logits: dict[tuple[str, int], tuple[np.ndarray, Any]] = {}
+        self._logits_dtype = np.dtype(_ELEMENT_TYPES[_logits_type(lm.artifact)])
         self._one = _ortvalue(np.array(1, np.int64))
         limits = {entry.get("id") for entry in (lm.artifact.get("requires") or {}).get("limits", [])}
         self._batched_chunks = requires.BATCH_1_CHUNKS not in limits  # read once: `verifies` runs every step
@@ -105,7 +107,7 @@ class SlotLM:
             self._reserve(len(prompt) + 1)
             ids = np.asarray(prompt, np.int64)[None, :]
             mask = np.ones_like(ids)
-            rows.append(self._step("prefill", slot, slot + 1, ids, mask, np.arange(ids.shape[1])[None, :])[0])
+            rows.append(self._step("prefill", slot, slot + 1, ids, mask, np.arange(ids.shape[1])[None, :])[0].copy())
             self.lengths[slot] = len(prompt)
         return np.stack(rows), batch
 
@@ -196,7 +198,8 @@ class SlotLM:
 
     def _step(self, phase: str, low: int, high: int, ids: np.ndarray, mask: np.ndarray,
               positions: np.ndarray, keep: int = 1) -> np.ndarray:
-        """Logits of the last `keep` positions: [rows, V] for one, else [rows, keep, V]."""
+        """Logits of the last `keep` positions: [rows, V] for one, else [rows, keep, V]. The next step of the
+        phase may write over them (see _logits_buffer): copy what you keep."""
         sess = self.lm.prefill_session if phase == "prefill" else self.lm.session
         info = self.lm._info[phase]
         binding = self._binding(phase, sess, low, high)
@@ -207,12 +210,28 @@ class SlotLM:
         if info.select_logits:
             binding.bind_ortvalue_input(art.LOGITS_TO_KEEP, self._one if keep == 1 else
                                         _ortvalue(np.array(keep, np.int64)))
-        binding.bind_output("logits", "cpu")
+        one_position = keep == 1 and (ids.shape[1] == 1 or info.select_logits)
+        owned = self._logits_buffer(phase, high - low, binding) if one_position else None
+        if owned is None:
+            binding.bind_output("logits", "cpu")
         started = time.perf_counter()
         sess.run_with_iobinding(binding)
         self.session_seconds = time.perf_counter() - started
+        if owned is not None:  # callers copy the rows they keep (decode's row selection, prefill's stack)
+            return owned[:, -1]
         logits = binding.get_outputs()[-1].numpy()
         return logits[:, -1] if keep == 1 else logits[:, -keep:]
+
+    def _logits_buffer(self, phase: str, rows: int, binding: Any) -> np.ndarray:
+        """A step with one logits position per row writes into an array of ours bound as the output: no
+        allocation per step, and no Python objects for every present output to fetch the logits."""
+        key = (phase, rows)
+        if key not in self._logits:
+            array = np.empty((rows, 1, self.vocab_size), self._logits_dtype)
+            self._logits[key] = (array, _ortvalue(array))  # a CPU OrtValue from numpy aliases the array
+        array, value = self._logits[key]
+        binding.bind_ortvalue_output("logits", value)
+        return array
 
     def _binding(self, phase: str, sess: Any, low: int, high: int) -> Any:
         """The phase's IOBinding with rows [low, high) of every buffer bound as past and present (rebound
@@ -245,3 +264,7 @@ def step_model(lm: Any, slots: int, capacity: int = DEFAULT_CAPACITY) -> Any:
     if (artifact.get("kv_cache") or {}).get("buffer") == "shared":
         return SlotLM(lm, slots, capacity)
     return lm
+
+
+def _logits_type(artifact: dict[str, Any]) -> str:
+    return next(o["dtype"] for o in artifact["graph"]["outputs"] if o["name"] == "logits")
