@@ -196,11 +196,13 @@ def kill_at(proc: subprocess.Popen, marker: str, delay: float, deadline: float) 
     raise AssertionError(f"never saw {marker!r}: {seen[-3000:]}")
 
 
-# Files whose tests take the longest, started first: with `-n 2 --dist loadfile` a worker takes whole files in
-# collection order, so a long file collected last would run alone at the end while the other worker idles.
-LONGEST_FILES = ("test_lm_eval.py", "test_ray.py", "test_real_configs.py", "test_search.py", "test_build.py",
-                 "test_soak.py", "test_reliability.py", "test_workloads.py", "test_slo.py", "test_remote_cache.py",
-                 "test_wheel.py", "test_requires.py", "test_memory.py", "test_quantize_kv.py")
+# Files whose tests take the longest (CI's log, 2026-12-01), started first: with -n each worker takes whole
+# files in collection order (pyproject's addopts), so a long file collected last would run alone at the end
+# while the other worker idles.
+LONGEST_FILES = ("test_ray.py", "test_lm_eval.py", "test_search.py", "test_build.py", "test_real_configs.py",
+                 "test_soak.py", "test_slo.py", "test_workloads.py", "test_wheel.py", "test_phase_split.py",
+                 "test_remote_cache.py", "test_memory.py", "test_quantize_kv.py", "test_tokenizer_inputs.py",
+                 "test_requires.py", "test_recipe.py", "test_reliability.py")
 
 
 def pytest_collection_modifyitems(items: list) -> None:
