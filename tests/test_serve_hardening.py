@@ -202,7 +202,23 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(hard):
 
 
 def test_a_5mb_prompt_is_refused_in_under_100ms_while_health_answers_in_under_50ms(hard):
-    port = hard["port"]
+    """Up to three tries: an event loop blocked by the prompt fails every one, while a host busy with other
+    work (CI runs two test files at once on 2 cores) can delay one call of one try."""
+    tries = [_refuse_a_5mb_prompt(hard["port"])]
+    while not _fast(*tries[-1]) and len(tries) < 3:
+        tries.append(_refuse_a_5mb_prompt(hard["port"]))
+    refused_in, health = tries[-1]
+    print(f"hardening figures: a 5.1 MB prompt refused in {refused_in * 1000:.0f} ms; /health at most "
+          f"{max(health) * 1000:.0f} ms over {len(health)} calls meanwhile ({len(tries)} tries)")
+    assert refused_in < 0.1, f"refused in {refused_in * 1000:.0f} ms in each of {len(tries)} tries"
+    assert health and max(health) < 0.05, f"/health took up to {max(health) * 1000:.0f} ms in each of {len(tries)} tries"
+
+
+def _fast(refused_in: float, health: list[float]) -> bool:
+    return refused_in < 0.1 and bool(health) and max(health) < 0.05
+
+
+def _refuse_a_5mb_prompt(port: int) -> tuple[float, list[float]]:
     body = json.dumps({"prompt": "w5 " * 1_700_000, "max_tokens": 4})  # 5.1 MB, under --max-body-bytes 8 MB
     health: list[float] = []
     stop = threading.Event()
@@ -229,10 +245,7 @@ def test_a_5mb_prompt_is_refused_in_under_100ms_while_health_answers_in_under_50
         stop.set()
         poller.join(timeout=10)
     assert status == 400 and "--max-prompt-chars" in _error(answer, 400, "prompt")
-    print(f"hardening figures: a 5.1 MB prompt refused in {refused_in * 1000:.0f} ms; /health at most "
-          f"{max(health) * 1000:.0f} ms over {len(health)} calls meanwhile")
-    assert refused_in < 0.1, f"refused in {refused_in * 1000:.0f} ms"
-    assert health and max(health) < 0.05, f"/health took up to {max(health) * 1000:.0f} ms"
+    return refused_in, health
 
 
 def test_tokenizing_a_long_prompt_leaves_the_event_loop_free(hard):
