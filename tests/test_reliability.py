@@ -217,7 +217,6 @@ def test_kill_during_pretraining_leaves_nothing_and_resumes(workspace):
 
 @pytest.mark.slow
 @pytest.mark.skipif("distill" not in PASSES, reason="the distill op is not registered in recipec/passes/__init__.py")
-@pytest.mark.slow
 def test_kill_during_distillation_keeps_the_previous_build_and_resumes(workspace):
     # 1 000 steps take ~8 s here (200 took 1.6 s on a quiet machine: a 2 s kill could land after the stage).
     passes = "  - {id: kd, op: distill, with: {steps: 1000, warmup_steps: 2, batch_size: 2, seq_len: 8}}\n"

@@ -160,7 +160,8 @@ class OnnxLM:
                                  "with a KV cache")
         self.num_layers, self.kv_heads, self.head_dim = kv["num_layers"], kv["num_kv_heads"], kv["head_dim"]
         self.kv_dtype = _NUMPY_TYPES.get(kv["dtype"], np.float32)
-        self.vocab_size = next(o["shape"][-1] for o in artifact["graph"]["outputs"] if o["name"] == "logits")
+        logits = next(o for o in artifact["graph"]["outputs"] if o["name"] == "logits")
+        self.vocab_size, self.logits_dtype = logits["shape"][-1], _NUMPY_TYPES.get(logits["dtype"], np.float32)
         self._past = art.kv_names(kv["inputs"], self.num_layers)
         # Outputs are fetched by name in this order (logits, then key/value per layer), whatever the graph's order.
         self._outputs = ["logits", *art.kv_names(kv["outputs"], self.num_layers)]

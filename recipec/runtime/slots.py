@@ -82,7 +82,6 @@ class SlotLM:
         self._buffers = self._allocate(self.capacity)
         self._bindings: dict[str, tuple[Any, tuple[int, int, int] | None]] = {}
         self._logits: dict[tuple[str, int], tuple[np.ndarray, Any]] = {}
-        self._logits_dtype = np.dtype(_ELEMENT_TYPES[_logits_type(lm.artifact)])
         self._one = _ortvalue(np.array(1, np.int64))
         limits = {entry.get("id") for entry in (lm.artifact.get("requires") or {}).get("limits", [])}
         self._batched_chunks = requires.BATCH_1_CHUNKS not in limits  # read once: `verifies` runs every step
@@ -227,7 +226,7 @@ class SlotLM:
         allocation per step, and no Python objects for every present output to fetch the logits."""
         key = (phase, rows)
         if key not in self._logits:
-            array = np.empty((rows, 1, self.vocab_size), self._logits_dtype)
+            array = np.empty((rows, 1, self.vocab_size), self.lm.logits_dtype)
             self._logits[key] = (array, _ortvalue(array))  # a CPU OrtValue from numpy aliases the array
         array, value = self._logits[key]
         binding.bind_ortvalue_output("logits", value)
@@ -264,7 +263,3 @@ def step_model(lm: Any, slots: int, capacity: int = DEFAULT_CAPACITY) -> Any:
     if (artifact.get("kv_cache") or {}).get("buffer") == "shared":
         return SlotLM(lm, slots, capacity)
     return lm
-
-
-def _logits_type(artifact: dict[str, Any]) -> str:
-    return next(o["dtype"] for o in artifact["graph"]["outputs"] if o["name"] == "logits")
