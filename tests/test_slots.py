@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 
 from conftest import run_pass
@@ -39,6 +40,11 @@ def test_fused_graph_says_its_buffer_is_shared(shared, exported):
     artifact = json.loads((out / "artifact.json").read_text())
     assert metrics["kv_buffer"] == "shared" and metrics["fused_ops"]["GroupQueryAttention"] == 2
     assert artifact["kv_cache"]["buffer"] == "shared"
+    # rotary runs inside GroupQueryAttention, from cos/sin tables by position: no RotaryEmbedding, no per-step cos
+    assert metrics["rewrites"]["rotary_in_attention"] == 2
+    assert not {"RotaryEmbedding", "Cos", "Sin"} & set(metrics["ops_after"])
+    inputs = [i.name for i in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.input]
+    assert inputs[:3] == ["input_ids", "attention_mask", "position_ids"]  # read by nothing now, kept as contract
     assert json.loads(write_genai_config(out).read_text())["search"]["past_present_share_buffer"] is True
     growing = json.loads((exported("llama")[0] / "artifact.json").read_text())
     assert growing["kv_cache"]["buffer"] == "growing"

@@ -24,9 +24,11 @@ buffer may be longer than the sequence, so past and present can be one prealloca
 (recipec.runtime.slots). Without padding both forms compute the same thing.
 
 Rotary: GQA's built-in rotary derives positions from seqlens_k, which disagrees with transformers'
-position_ids under left padding, so rotary stays a separate RotaryEmbedding node fed with the graph's own
-per-token cos/sin: cos [B,1,S,Dh] is flattened to a [B*S, Dh/2] cache indexed by row number. That keeps any
-rope variant's exact values and needs no max-position table.
+position_ids under left padding, so in the growing form rotary stays a separate RotaryEmbedding node fed with
+the graph's own per-token cos/sin: cos [B,1,S,Dh] is flattened to a [B*S, Dh/2] cache indexed by row number.
+That keeps any rope variant's exact values and needs no max-position table. In the shared form rows are
+right-padded, where GQA's positions are the runtime's, so GQA rotates q and k itself (do_rotary) from tables
+by position (recipec.onnx.fusions.rotary_table) wherever the graph's rope allows one.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter._matcher import SimplePatternMatcher
 
-from recipec.onnx.fusions import _utils
+from recipec.onnx.fusions import _utils, rotary_table
 
 MS = "com.microsoft"
 
@@ -66,10 +68,12 @@ def _repeat_kv(op, x, tag: str):
 class DecoderAttention(pattern.RewriteRuleClassBase):
     """One rule per (rotary?, repeat_kv?) variant; `kind` picks the replacement op."""
 
-    def __init__(self, *, rotary: bool, repeat: bool, kind: str, shared_buffer: bool = False):
+    def __init__(self, *, rotary: bool, repeat: bool, kind: str, shared_buffer: bool = False,
+                 rotary_positions: int | None = None):
         super().__init__(f"DecoderAttention[rotary={rotary},repeat={repeat},{kind}]")
         self._rotary, self._repeat, self._kind = rotary, repeat, kind
         self._shared = shared_buffer
+        self._rotary_positions = rotary_positions if shared_buffer and rotary else None
         self.applied: list[str] = []
 
     def pattern(self, op, q_lin, k_lin, v_lin, past_key, past_value, mask, scale, cos, sin):
@@ -127,28 +131,44 @@ class DecoderAttention(pattern.RewriteRuleClassBase):
             self._mask_input = _graph_input(context.graph_or_function.inputs, "attention_mask", rank=2)
             if self._mask_input is None:
                 return result.fail("a shared KV buffer needs the attention_mask [B, T] graph input", mask)
+        self._tables = self._position_tables(context, cos, sin)
         self._flat_output = out_bsd.shape.rank() == 2
         return result
+
+    def _position_tables(self, context, cos, sin) -> tuple[ir.Value, ir.Value] | None:
+        if self._rotary_positions is None:
+            return None
+        graph = context.graph_or_function
+        positions = _graph_input(graph.inputs, "position_ids", rank=2)
+        if positions is None or not isinstance(graph, ir.Graph):
+            return None
+        return rotary_table.position_tables(context.model, graph, cos, sin, positions, self._rotary_positions)
 
     def rewrite(self, op, q_lin, k_lin, v_lin, past_key, past_value, mask, cos=None, sin=None, **_):
         heads, kv_heads, head_size, scale = self._heads_info
         out_shape, out_type = q_lin.shape, q_lin.type  # [B, S, H*Dh], as the attention output
-        if self._rotary:
+        if self._rotary and self._tables is None:
             tokens, _ = self._length_sources
             cos2d, sin2d, positions = _rotary_cache(op, cos, sin, q_lin if tokens is None else tokens, head_size // 2)
             q_lin = op.RotaryEmbedding(q_lin, positions, cos2d, sin2d, _domain=MS)
             k_lin = op.RotaryEmbedding(k_lin, positions, cos2d, sin2d, _domain=MS)
-        self.applied.append(self._kind + ("+RotaryEmbedding" if self._rotary else ""))
+            self.applied.append(self._kind + "+RotaryEmbedding")
+        else:
+            self.applied.append(self._kind + ("+rotary_in_attention" if self._rotary else ""))
         if self._kind == "MultiHeadAttention":
             out, present_key, present_value = op.MultiHeadAttention(
                 q_lin, k_lin, v_lin, None, None, mask, past_key, past_value,
                 num_heads=heads, scale=scale, _domain=MS, _outputs=3)
         elif self._shared:
-            seqlens_k, total, query_lens = _shared_buffer_lengths(op, self._mask_input, q_lin)
+            tokens, _ = self._length_sources
+            seqlens_k, total, query_lens = _shared_buffer_lengths(op, self._mask_input,
+                                                                  q_lin if tokens is None else tokens)
+            cos_cache, sin_cache = self._tables or (None, None)
             out, present_key, present_value = op.GroupQueryAttention(
                 q_lin, k_lin, v_lin, past_key, past_value, seqlens_k, total,
-                None, None, None, None, None, None, None, None, None, query_lens,
-                num_heads=heads, kv_num_heads=kv_heads, scale=scale, _domain=MS, _outputs=3)
+                cos_cache, sin_cache, None, None, None, None, None, None, None, query_lens,
+                num_heads=heads, kv_num_heads=kv_heads, scale=scale, do_rotary=int(self._tables is not None),
+                _domain=MS, _outputs=3)
         else:
             tokens, first_past_key = self._length_sources
             seqlens_k, total, query_lens = _gqa_lengths(op, q_lin if tokens is None else tokens,
@@ -234,7 +254,8 @@ def _shared_buffer_lengths(op, attention_mask, q_lin):
     sum(mask[b]) tokens and writes its new ones at that offset; total is the mask's width. The past buffer
     may be longer than total (preallocated), which is what lets present alias past. query_seqlens = S for
     every row (each row's S new tokens are all real) is what lets a step of several tokens after a past run
-    at batch > 1: speculative verification of a whole batch (recipec.runtime.slots)."""
+    at batch > 1: speculative verification of a whole batch (recipec.runtime.slots). `q_lin` only lends
+    [B, S]: input_ids, which every layer shares, makes these nodes one set after CSE."""
     lengths = op.ReduceSum(attention_mask, op.Constant(value_ints=[1]), keepdims=0)
     seqlens_k = op.Cast(op.Sub(lengths, op.Constant(value_int=1)), to=ir.DataType.INT32)
     width = op.Shape(attention_mask, start=1, end=2)
@@ -244,16 +265,20 @@ def _shared_buffer_lengths(op, attention_mask, q_lin):
     return seqlens_k, total, query_lens
 
 
-def attention_rules(kind: str, shared_buffer: bool = False) -> list[DecoderAttention]:
+def attention_rules(kind: str, shared_buffer: bool = False, rotary_positions: int | None = None) -> list[DecoderAttention]:
     """kind: 'GroupQueryAttention' or 'MultiHeadAttention' (the latter only matches kv heads == heads);
-    shared_buffer (GroupQueryAttention only): lengths from the attention mask, right-padded rows, no bias."""
-    return [DecoderAttention(rotary=r, repeat=p, kind=kind, shared_buffer=shared_buffer)
+    shared_buffer (GroupQueryAttention only): lengths from the attention mask, right-padded rows, no bias;
+    rotary_positions (with shared_buffer): rotary inside GroupQueryAttention, from a table of that many
+    positions, where the graph's cos/sin allow one (recipec.onnx.fusions.rotary_table)."""
+    return [DecoderAttention(rotary=r, repeat=p, kind=kind, shared_buffer=shared_buffer,
+                             rotary_positions=rotary_positions)
             for r in (True, False) for p in (True, False)]
 
 
-def fuse_attention(model: ir.Model, kind: str, shared_buffer: bool = False) -> list[str]:
+def fuse_attention(model: ir.Model, kind: str, shared_buffer: bool = False,
+                   rotary_positions: int | None = None) -> list[str]:
     """Apply the rules; returns one entry per fused layer (e.g. 'GroupQueryAttention+RotaryEmbedding')."""
-    instances = attention_rules(kind, shared_buffer)
+    instances = attention_rules(kind, shared_buffer, rotary_positions)
     rules = pattern.RewriteRuleSet([_rule_of(i) for i in instances])
     rules.apply_to_model(model)
     return [name for inst in instances for name in inst.applied]

@@ -72,6 +72,23 @@ def attention_choice(choice: str, target: str | None, log: Callable[[str], None]
     return narrowed
 
 
+# GroupQueryAttention doing more of the layer in the shared-buffer form: its own rotary (do_rotary, cos/sin
+# tables by position) and q/k/v packed in its query input. Checked against the unfused graph on this release
+# (tests/test_slots.py, tests/test_fuse.py); older targets keep RotaryEmbedding and three inputs.
+WHOLE_ATTENTION = "1.32"
+
+
+def whole_attention_in_gqa(target: str | None) -> bool:
+    return target is None or requires.key(target) >= requires.key(WHOLE_ATTENTION)
+
+
+def rotary_positions(config: dict[str, Any]) -> int | None:
+    """Rows of the rotary table for GroupQueryAttention's own rotary: the model's max_position_embeddings
+    (the runtime's context limit); None (RotaryEmbedding stays) for a model that states no such limit."""
+    rows = config.get("max_position_embeddings")
+    return int(rows) if isinstance(rows, int) and rows > 0 else None
+
+
 def attention_problem(choice: str, target: str) -> str:
     op, count = ("GroupQueryAttention", GQA_INPUTS) if choice == "gqa" else ("MultiHeadAttention", MHA_INPUTS)
     release, _ = requires.release_for(MS, op, count)

@@ -158,14 +158,16 @@ def prepare(model: ir.Model, report: FusionReport) -> ir.Model:
 
 
 def fuse_attention(model: ir.Model, choice: str, report: FusionReport, log: Callable[[str], None],
-                   shared_buffer: bool = False) -> None:
+                   shared_buffer: bool = False, rotary_positions: int | None = None) -> None:
+    """rotary_positions: with shared_buffer, GroupQueryAttention rotates q and k itself from a table of that
+    many positions (the model's max_position_embeddings) wherever the graph's rope allows one."""
     if choice == "none":
         return
     kinds = [ATTENTION_OPS[choice]] if choice in ATTENTION_OPS else ["MultiHeadAttention", "GroupQueryAttention"]
     if shared_buffer:  # only GroupQueryAttention can write a preallocated buffer in place
         kinds = ["GroupQueryAttention"]
     for kind in kinds:  # auto: MHA where kv heads == heads, GQA for the rest
-        for name in attention.fuse_attention(model, kind, shared_buffer):
+        for name in attention.fuse_attention(model, kind, shared_buffer, rotary_positions):
             for op in name.split("+"):
                 report.add(op, 2 if op == "RotaryEmbedding" else 1)
     clean(model)
@@ -187,6 +189,11 @@ def merge_projections(model: ir.Model, report: FusionReport) -> None:
     for name, tensor in before.items():
         if name not in model.graph.initializers and isinstance(tensor, ir.ExternalTensor):
             tensor.release()
+
+
+def pack_attention_inputs(model: ir.Model, report: FusionReport) -> None:
+    report.add("packed_qkv_attention", qkv.pack_into_attention(model))
+    clean(model)
 
 
 def _fusion_options(gelu: bool) -> FusionOptions:
@@ -230,7 +237,18 @@ def ort_transformer_fusions(model: ir.Model, provider: str, log: Callable[[str],
     del light
     result = ir.from_proto(fused)
     put_back(result, aside)
+    _keep_inputs(model, result)
     return result
+
+
+def _keep_inputs(original: ir.Model, fused: ir.Model) -> None:
+    """The optimizer prunes graph inputs that nothing reads any more (position_ids, once rotary runs inside
+    GroupQueryAttention). They stay: the graph's inputs are its contract, and a caller that feeds one would
+    otherwise get onnxruntime's "invalid input name"."""
+    kept = {v.name for v in fused.graph.inputs}
+    for index, value in enumerate(original.graph.inputs):
+        if value.name not in kept:
+            fused.graph.inputs.insert(index, ir.Value(name=value.name, type=value.type, shape=value.shape))
 
 
 # What onnxruntime.transformers says that tells the user nothing: the producer of a graph recipec made, and

@@ -89,11 +89,15 @@ def _graph_fusions(model: ir.Model, params: dict[str, Any], ctx: StageContext,
     overridable = pipeline.detach_overridable(model)
     model = pipeline.prepare(model, report)
     if params["level"] != "basic":
-        pipeline.fuse_attention(model, params["attention"], report, ctx.log,
-                                shared_buffer=params["kv_buffer"] == "shared")
+        shared = params["kv_buffer"] == "shared"
+        whole = shared and compat.whole_attention_in_gqa(params["target_onnxruntime"])
+        pipeline.fuse_attention(model, params["attention"], report, ctx.log, shared_buffer=shared,
+                                rotary_positions=compat.rotary_positions(config) if whole else None)
         pipeline.unflatten_gemms(model, report)
         if params["merge_projections"]:
             pipeline.merge_projections(model, report)
+            if whole:
+                pipeline.pack_attention_inputs(model, report)
     pipeline.reattach(model, overridable)
     if params["level"] != "basic":
         model = pipeline.ort_transformer_fusions(model, params["provider"], ctx.log, int(config["num_attention_heads"]),
