@@ -43,11 +43,19 @@ def test_fused_graph_says_its_buffer_is_shared(shared, exported):
     # rotary runs inside GroupQueryAttention, from cos/sin tables by position: no RotaryEmbedding, no per-step cos
     assert metrics["rewrites"]["rotary_in_attention"] == 2
     assert not {"RotaryEmbedding", "Cos", "Sin"} & set(metrics["ops_after"])
-    inputs = [i.name for i in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.input]
-    assert inputs[:3] == ["input_ids", "attention_mask", "position_ids"]  # read by nothing now, kept as contract
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    assert [i.name for i in graph.input][:3] == ["input_ids", "attention_mask", "position_ids"]  # kept as contract
+    # q/k/v packed in GroupQueryAttention's query input: no Split between the projection and the attention
+    assert metrics["rewrites"]["packed_qkv_attention"] == 2
+    assert all(list(n.input[1:3]) == ["", ""] for n in graph.node if n.op_type == "GroupQueryAttention")
     assert json.loads(write_genai_config(out).read_text())["search"]["past_present_share_buffer"] is True
     growing = json.loads((exported("llama")[0] / "artifact.json").read_text())
     assert growing["kv_cache"]["buffer"] == "growing"
+
+
+def test_an_older_target_keeps_rotary_embedding_and_three_attention_inputs(exported, tmp_path):
+    metrics = run_pass("fuse", exported("llama")[0], tmp_path, kv_buffer="shared", target_onnxruntime="1.22")
+    assert metrics["ops_after"]["RotaryEmbedding"] == 4 and "packed_qkv_attention" not in metrics["rewrites"]
 
 
 def test_greedy_equals_transformers_alone_and_in_a_batch_of_different_lengths(shared, tiny_model_dir):
