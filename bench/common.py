@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -357,6 +358,18 @@ def dir_bytes(path: str | Path) -> int:
 
 def venv_python(name: str) -> Path:
     return VENVS / name / "bin" / "python"
+
+
+def first_error(text: str) -> str:
+    """The line of a failed command's output that says what went wrong (the last error-like line)."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if re.search(r"(Error|Exception|error:|not supported|Unsupported)", ln)]
+    return (errors[-1] if errors else lines[-1] if lines else text)[:300]
+
+
+def variant_dir(report: dict[str, Any], variant: str) -> Path:
+    """A variant of a bench build (recipec build --out bench/.cache/out), from its report."""
+    return CACHE / "out" / report["recipe"]["name"] / report["variants"][variant]["artifact"]["path"]
 
 
 def ensure_venv(name: str, log: Callable[[str], None] = print) -> Path:

@@ -12,10 +12,11 @@ and 4, the recipes' `serving.workload`):
   - onnxruntime-genai's model builder (fp32, int4) run through og.Generator, and Optimum's ONNX export run
     by ORTModelForCausalLM, each in its own virtual environment under bench/.venvs/ (bench/peers.py);
   - the physical limit: this machine's measured memory bandwidth and the decode TPOT it allows for the
-    bytes each variant reads per step (MBU = that floor / measured TPOT).
-Writes <out>/<date>-<machine>-<size>.json and the size's section of docs/benchmarks.md. Peer builds are
-cached under bench/.cache/peers/, recipec's stages in its own cache; --resume reuses the finished phases of
-an interrupted run of the same size.
+    bytes each variant reads per step (MBU = that floor / measured TPOT);
+  - recipec's best fp32 and int4 variants against genai's, in alternating rounds (bench/headtohead.py).
+Writes <out>/<date>-<HHMM>-<machine>-<size>.json and the size's section of docs/benchmarks.md. Peer builds
+are cached under bench/.cache/peers/, recipec's stages in its own cache; --resume reuses the finished phases
+of an interrupted run of the same size.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C
+from headtohead import head_to_head
 from render import render_section, update_docs
 from rows import add_limits, add_ratios, batch_runs, make_row, phases_of, precision_of, recipec_runs, variant_ops
 from targets import KL_GATE, evaluate_targets
@@ -310,7 +312,7 @@ def bench_model(key: str, recipe_src: Path, args, phases: Phases, log_dir: Path)
         rows.append(make_row(key, "recipec", variant, "-", None, None, None, None, "not available", why))
 
     # the peers
-    hf = None
+    hf, peer_dirs = None, {}
     for peer, env, system, precision in PEERS:
         if args.skip_peers:
             rows.append(make_row(key, system, peer, precision, None, None, None, None, "not measured",
@@ -339,18 +341,22 @@ def bench_model(key: str, recipe_src: Path, args, phases: Phases, log_dir: Path)
                 onnx_file = next(model_dir.glob("*.onnx"))
                 result["weights"] = C.onnx_decode_weight_bytes(onnx_file)
                 result["artifact_bytes"] = C.dir_bytes(model_dir)
-                result["build"] = info
+                result["build"], result["model_dir"], result["python"] = info, str(model_dir), str(python)
                 return result
             result = phases.run(f"{key}-{peer}", measure)
+            peer_dirs[peer] = (result["model_dir"], result["python"])
             rows.append(make_row(key, system, peer, precision, batch_runs(result),
                                  result["weights"]["weight_bytes_per_decode_step"], result["artifact_bytes"],
                                  result["quality"], build=result["build"], versions=result.get("versions")))
         except Exception as exc:  # noqa: BLE001 - a peer that cannot handle the model is a row that says why
-            reason = _first_error(str(exc))
+            reason = C.first_error(str(exc))
             say(f"{key}: {peer}: FAILED: {reason}")
             rows.append(make_row(key, system, peer, precision, None, None, None, None, "failed", reason))
 
-    return {"model": key, "recipe": str(recipe_src.relative_to(C.ROOT)), "name": name,
+    paired = phases.run(f"{key}-headtohead", lambda: head_to_head(
+        rows, {p: d for p, d in peer_dirs.items() if p.startswith("genai")}, report, common_args, phases.dir,
+        log_dir / f"{key}-headtohead.log", say))
+    return {"model": key, "recipe": str(recipe_src.relative_to(C.ROOT)), "name": name, "head_to_head": paired,
             "config": {k: v for k, v in json.loads((src / "config.json").read_text()).items()
                        if k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                                 "num_key_value_heads", "vocab_size", "tie_word_embeddings")},
@@ -374,16 +380,10 @@ def measure_speculation(report: dict[str, Any], tokens: np.ndarray, spec: dict[s
     out = {}
     for variant, entry in report["variants"].items():
         say(f"speculative decoding ({spec['method']}, K={spec['tokens']}) on {variant}, batch 1")
-        variant_dir = C.CACHE / "out" / report["recipe"]["name"] / entry["artifact"]["path"]  # relative to the build
+        variant_dir = C.variant_dir(report, variant)
         lm = load(variant_dir, device="cpu", threads=threads or None)
         out[variant] = measure_speculative(lm, variant_dir, SpecConfig(**spec), tokens, {"workload": workload})
     return out
-
-
-def _first_error(text: str) -> str:
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if re.search(r"(Error|Exception|error:|not supported|Unsupported)", ln)]
-    return (errors[-1] if errors else lines[-1] if lines else text)[:300]
 
 
 # ---------------------------------------------------------------- main
@@ -481,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{started_at:%Y-%m-%d}-{machine_slug(hw['name'], hw.get('cores'))}-{args.size}.json"
+    path = args.out / f"{started_at:%Y-%m-%d-%H%M}-{machine_slug(hw['name'], hw.get('cores'))}-{args.size}.json"
     path.write_text(json.dumps(results, indent=1, default=_json_default) + "\n")
     say(f"wrote {path}")
     if not args.no_docs:

@@ -56,6 +56,23 @@ def test_a_phase_split_variant_does_not_stand_in_for_plain_int4_against_genai():
     assert t["met"] is False and t["value"] == pytest.approx(1.2) and t["detail"].startswith("int4-acc4")
 
 
+def test_an_interleaved_head_to_head_of_the_same_variant_decides_the_genai_target():
+    rows = [row("int4-acc4", precision="int4", tpot=3.0), row("genai-int4", system="onnxruntime-genai",
+                                                               precision="int4", tpot=2.5)]
+    rounds = [{"recipec": 2.0, "genai": 2.5, "ratio": 0.8}, {"recipec": 3.0, "genai": 2.5, "ratio": 1.2},
+              {"recipec": 2.2, "genai": 2.5, "ratio": 0.88}]
+    paired = {"genai-int4": {"variant": "int4-acc4", "rounds": rounds, "recipec_tpot_ms": 2.2,
+                             "genai_tpot_ms": 2.5, "ratio": 0.88}}
+    found = [t for t in targets.evaluate_targets({"rows": rows, "head_to_head": paired})
+             if t["target"].startswith("recipec's best int4")]
+    assert found[0]["met"] is True and found[0]["value"] == 0.88  # the one-pass rows alone say 1.2x
+    assert "per round 0.80, 1.20, 0.88" in found[0]["detail"] and "one-pass table int4-acc4 3.00 ms" in found[0]["detail"]
+    paired["genai-int4"]["variant"] = "int4"  # a pairing of another variant does not judge this one
+    found = [t for t in targets.evaluate_targets({"rows": rows, "head_to_head": paired})
+             if t["target"].startswith("recipec's best int4")]
+    assert found[0]["met"] is False and found[0]["value"] == pytest.approx(1.2)
+
+
 def spec(ratio, identical=True):
     return {"tpot_ratio": ratio, "identical_greedy": identical, "tpot_ms": {"plain": 1.0, "speculative": ratio},
             "acceptance_rate": 0.5, "tokens_per_target_step": 1.8}
