@@ -32,7 +32,7 @@ def _rope_graph(first_nodes=(), scale_input="one", extra_inputs=()):
                     helper.make_tensor("axis_last", TensorProto.INT64, [1], [-1]),
                     helper.make_tensor("axis_one", TensorProto.INT64, [1], [1])]
     inputs = [helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["B", "S"]), *extra_inputs]
-    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("cos", "sin")]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["B", 1, "S", HEAD]) for n in ("cos", "sin")]
     graph = helper.make_graph(nodes, "rope", inputs, outputs, initializers)
     model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
     values = {v.name: v for node in model.graph for v in node.outputs}
@@ -68,3 +68,11 @@ def test_cos_sin_that_read_another_input_get_no_table():
     model, cos, sin, positions = _rope_graph(scale_input="offset", extra_inputs=extra)
     assert _tables(model, cos, sin, positions) is None
 
+
+
+def test_a_table_past_the_size_limit_is_not_made(monkeypatch):
+    from recipec.onnx.fusions import rotary_table
+
+    model, cos, sin, positions = _rope_graph()
+    monkeypatch.setattr(rotary_table, "TABLE_BYTES", ROWS * HEAD * 4 - 1)
+    assert _tables(model, cos, sin, positions) is None

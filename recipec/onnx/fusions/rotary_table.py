@@ -25,6 +25,9 @@ from recipec.onnx import sessions
 # Values of a scattered second evaluation may differ from the table's rows by this much (float rounding of
 # the same kernels on another shape); a sequence-dependent rope differs by orders of magnitude more.
 AGREEMENT = 1e-6
+# Largest cos + sin tables put in a graph (a 128k-context model with 64-wide heads takes 32 MiB); a model with a
+# longer stated context keeps RotaryEmbedding rather than carry (and compute at fuse time) a bigger table.
+TABLE_BYTES = 64 << 20
 _TABLES_KEY = "recipec.rotary_tables"
 
 
@@ -41,6 +44,9 @@ def position_tables(model: ir.Model, graph: ir.Graph, cos: ir.Value, sin: ir.Val
 
 def _make(model: ir.Model, graph: ir.Graph, cos: ir.Value, sin: ir.Value, positions: ir.Value, rows: int,
           index: int) -> tuple[ir.Value, ir.Value] | None:
+    width = cos.shape[-1] if cos.shape is not None and cos.shape.rank() else None  # two tables of width / 2
+    if not isinstance(width, int) or cos.dtype is None or rows * width * cos.dtype.itemsize > TABLE_BYTES:
+        return None
     nodes = _producers(graph, [cos, sin], positions)
     if nodes is None:
         return None
