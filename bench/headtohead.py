@@ -1,14 +1,15 @@
-"""recipec against onnxruntime-genai at batch 1, interleaved: the same loop for both, alternating rounds.
+"""The pairs bench/targets.py compares, measured again at batch 1 in alternating rounds: one loop for all.
 
     python bench/headtohead.py recipec --variant-dir DIR --out FILE [--prompt 128 --output 64 --requests 8]
 
-bench/run.py measures every recipec variant inside `recipec build`, and each peer minutes later. On a shared
-host whose speed drifts by tens of percent within minutes (docs/benchmarks.md), two such numbers compare
-the host's moments as much as the systems. This module measures one recipec variant and one genai model in
-fresh processes, alternately (recipec first in even rounds, genai first in odd ones), each through
-bench/common.py's measure_batches at batch 1, and reports every round's TPOT p50 of both and the median of
-the per-round ratios. recipec's side drives its engine over its slot runtime (what `recipec serve` runs),
-closed loop, one request at a time.
+bench/run.py measures every recipec variant inside `recipec build`, PyTorch eager and each peer minutes apart.
+On a shared host whose speed drifts by tens of percent within minutes (docs/benchmarks.md), two such numbers
+compare the host's moments as much as the systems. `head_to_head` measures each compared pair (recipec's best
+variant against genai's build, TPOT; the e2e target's variant against PyTorch eager, e2e; a phase-split variant
+against its prefill and decode variants, TTFT and TPOT) in fresh processes, the order rotating every round,
+each through bench/common.py's measure_batches at batch 1, and reports every round's p50s and the median of
+the per-round ratios. recipec's side (this file's `recipec` command) drives its engine over its slot runtime
+(what `recipec serve` runs), closed loop, one request at a time.
 """
 from __future__ import annotations
 
@@ -25,56 +26,84 @@ import common as C
 ROUNDS = 4
 
 
+METRICS = ("ttft_ms", "tpot_ms", "e2e_latency_ms")
+
+
 def head_to_head(rows: list[dict[str, Any]], peers: dict[str, tuple[str, str]], report: dict[str, Any],
-                 common_args: list[str], out_dir: Path, log_file: Path,
+                 source: Path, common_args: list[str], out_dir: Path, log_file: Path,
                  say: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
-    """For each genai peer measured (peer -> (model dir, python)): its precision's best recipec variant in the
-    one-pass rows (targets.best_variant) against it, interleaved."""
-    from targets import GENAI_PEERS, best_variant
+    """The pairings behind the targets that compare two rows, each measured interleaved: every genai peer
+    measured (peer -> (model dir, python)) against its precision's best recipec variant (TPOT); the best
+    variant within the KL gate against PyTorch eager (e2e); each phase-split variant against its prefill (TTFT)
+    and decode (TPOT) variants. The variants are the ones targets.py picks from the one-pass rows."""
+    from targets import GENAI_PEERS, best_e2e_variant, best_variant
 
     ours = [r for r in rows if r["system"] == "recipec" and r["status"] == "ok"]
-    out = {}
+    recipec = lambda v: [sys.executable, Path(__file__), "recipec", "--variant-dir", C.variant_dir(report, v)]  # noqa: E731
+    pair = lambda commands: interleave(commands, common_args, out_dir, log_file, say=say)  # noqa: E731
+    out: dict[str, dict[str, Any]] = {}
     for precision, peer in GENAI_PEERS.items():
         best = best_variant(ours, precision)
         if best is None or peer not in peers:
             continue
-        say(f"head to head: recipec {best['variant']} and {peer}, interleaved")
+        say(f"head to head: recipec {best['variant']} and {peer}, TPOT")
         model_dir, python = peers[peer]
-        paired = interleave(C.variant_dir(report, best["variant"]), Path(model_dir), Path(python), common_args,
-                            out_dir, log_file, say=say)
-        out[peer] = {"variant": best["variant"], **paired}
+        rounds = pair({"recipec": recipec(best["variant"]),
+                       "genai": [python, C.BENCH / "peers.py", "genai-bench", "--model-dir", model_dir]})
+        out[peer] = {"variant": best["variant"], **_summary(rounds, "tpot_ms", "recipec", "genai")}
+    best = best_e2e_variant(ours, any(r["system"] == "pytorch-eager" for r in rows))
+    if best is not None:
+        say(f"head to head: recipec {best['variant']} and PyTorch eager, e2e")
+        rounds = pair({"recipec": recipec(best["variant"]),
+                       "eager": [sys.executable, C.BENCH / "common.py", "torch-eager", "--model-dir", source]})
+        out["eager"] = {"variant": best["variant"], **_summary(rounds, "e2e_latency_ms", "recipec", "eager")}
+    for row in ours:
+        split = row.get("phase_split") or {}
+        if not {split.get("prefill"), split.get("decode")} <= set(report["variants"]):
+            continue
+        say(f"head to head: {row['variant']} and its prefill {split['prefill']} and decode {split['decode']} variants")
+        rounds = pair({name: recipec(name) for name in (row["variant"], split["prefill"], split["decode"])})
+        out[f"split:{row['variant']}"] = {
+            "prefill": split["prefill"], "decode": split["decode"],
+            "ttft": _summary(rounds, "ttft_ms", row["variant"], split["prefill"]),
+            "tpot": _summary(rounds, "tpot_ms", row["variant"], split["decode"])}
     return out
 
 
-def interleave(recipec_dir: Path, genai_dir: Path, genai_python: Path, common_args: list[str], out_dir: Path,
-               log_file: Path, rounds: int = ROUNDS, say: Callable[[str], None] = print) -> dict[str, Any]:
-    """`rounds` alternating pairs of runs; TPOT p50 (ms) of each, and the median ratio recipec / genai."""
-    commands = {
-        "recipec": lambda out: [sys.executable, Path(__file__), "recipec", "--variant-dir", recipec_dir, "--out", out],
-        "genai": lambda out: [genai_python, C.BENCH / "peers.py", "genai-bench", "--model-dir", genai_dir,
-                              "--out", out],
-    }
-    measured: list[dict[str, float]] = []
+def _summary(rounds: list[dict[str, dict[str, float]]], metric: str, ours: str, theirs: str) -> dict[str, Any]:
+    """One metric of two systems over the rounds: each round's value of both and their ratio, and medians."""
+    paired = [{"recipec": r[ours][metric], "other": r[theirs][metric], "ratio": r[ours][metric] / r[theirs][metric]}
+              for r in rounds]
+    return {"metric": metric, "rounds": paired,
+            "recipec_ms": statistics.median(p["recipec"] for p in paired),
+            "other_ms": statistics.median(p["other"] for p in paired),
+            "ratio": statistics.median(p["ratio"] for p in paired),
+            "method": f"{len(rounds)} rounds, one fresh process per system, the order rotating; each: "
+                      "bench/common.py measure_batches at batch 1 (p50 over its requests); ratio = median of the "
+                      "per-round ratios"}
+
+
+def interleave(commands: dict[str, list], common_args: list[str], out_dir: Path, log_file: Path,
+               rounds: int = ROUNDS, say: Callable[[str], None] = print) -> list[dict[str, dict[str, float]]]:
+    """`rounds` rounds of one run per system (command + --out FILE), the order rotating by one each round;
+    per round and system the p50 of each of METRICS over its requests."""
+    names = list(commands)
+    measured = []
     for index in range(rounds):
-        order = ["recipec", "genai"] if index % 2 == 0 else ["genai", "recipec"]
-        tpot = {}
-        for system in order:
-            out = out_dir / f"headtohead-{system}-{index}.json"
-            C.run([*commands[system](out), *common_args, "--batches", "1"], log_file=log_file, timeout=1800)
-            samples = json.loads(out.read_text())["runs"][0]["samples"]["tpot_ms"]
-            tpot[system] = statistics.median(samples)
+        shift = index % len(names)
+        result = {}
+        for name in names[shift:] + names[:shift]:
+            out = out_dir / f"headtohead-{index}-{len(result)}.json"
+            C.run([*map(str, commands[name]), "--out", out, *common_args, "--batches", "1"], log_file=log_file,
+                  timeout=3600)
+            samples = json.loads(out.read_text())["runs"][0]["samples"]
+            result[name] = {m: statistics.median(samples[m]) for m in METRICS}
             out.unlink()
-        tpot["ratio"] = tpot["recipec"] / tpot["genai"]
-        say(f"  round {index + 1}/{rounds}: recipec {tpot['recipec']:.3f} ms, genai {tpot['genai']:.3f} ms "
-            f"({tpot['ratio']:.2f}x)")
-        measured.append(tpot)
-    return {"rounds": measured,
-            "recipec_tpot_ms": statistics.median(r["recipec"] for r in measured),
-            "genai_tpot_ms": statistics.median(r["genai"] for r in measured),
-            "ratio": statistics.median(r["ratio"] for r in measured),
-            "method": f"{rounds} rounds of one fresh process per system, order alternating; each: "
-                      "bench/common.py measure_batches at batch 1 (TPOT p50 over its requests); ratio = median of "
-                      "the per-round ratios"}
+        say("  round {}/{}: {}".format(index + 1, rounds, ", ".join(
+            f"{n} ttft {v['ttft_ms']:.1f} tpot {v['tpot_ms']:.3f} e2e {v['e2e_latency_ms']:.0f} ms"
+            for n, v in result.items())))
+        measured.append(result)
+    return measured
 
 
 def recipec_bench(args) -> dict[str, Any]:

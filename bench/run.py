@@ -13,7 +13,8 @@ and 4, the recipes' `serving.workload`):
     by ORTModelForCausalLM, each in its own virtual environment under bench/.venvs/ (bench/peers.py);
   - the physical limit: this machine's measured memory bandwidth and the decode TPOT it allows for the
     bytes each variant reads per step (MBU = that floor / measured TPOT);
-  - recipec's best fp32 and int4 variants against genai's, in alternating rounds (bench/headtohead.py).
+  - the pairs the targets compare (recipec against genai and eager, a split against its parts), measured
+    again in alternating rounds (bench/headtohead.py).
 Writes <out>/<date>-<HHMM>-<machine>-<size>.json and the size's section of docs/benchmarks.md. Peer builds
 are cached under bench/.cache/peers/, recipec's stages in its own cache; --resume reuses the finished phases
 of an interrupted run of the same size.
@@ -354,7 +355,7 @@ def bench_model(key: str, recipe_src: Path, args, phases: Phases, log_dir: Path)
             rows.append(make_row(key, system, peer, precision, None, None, None, None, "failed", reason))
 
     paired = phases.run(f"{key}-headtohead", lambda: head_to_head(
-        rows, {p: d for p, d in peer_dirs.items() if p.startswith("genai")}, report, common_args, phases.dir,
+        rows, {p: d for p, d in peer_dirs.items() if p.startswith("genai")}, report, src, common_args, phases.dir,
         log_dir / f"{key}-headtohead.log", say))
     return {"model": key, "recipe": str(recipe_src.relative_to(C.ROOT)), "name": name, "head_to_head": paired,
             "config": {k: v for k, v in json.loads((src / "config.json").read_text()).items()
