@@ -32,8 +32,8 @@ METRICS = ("ttft_ms", "tpot_ms", "e2e_latency_ms")
 def head_to_head(rows: list[dict[str, Any]], peers: dict[str, tuple[str, str]], report: dict[str, Any],
                  source: Path, common_args: list[str], out_dir: Path, log_file: Path,
                  say: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
-    """The pairings behind the targets that compare two rows, each measured interleaved: every genai peer
-    measured (peer -> (model dir, python)) against its precision's best recipec variant (TPOT); the best
+    """The pairings behind the targets that compare two rows, each measured interleaved: each genai peer among
+    those measured (`peers`: peer -> (model dir, python)) against its precision's best recipec variant (TPOT); the best
     variant within the KL gate against PyTorch eager (e2e); each phase-split variant against its prefill (TTFT)
     and decode (TPOT) variants. The variants are the ones targets.py picks from the one-pass rows."""
     from targets import GENAI_PEERS, best_e2e_variant, best_variant

@@ -355,7 +355,7 @@ def bench_model(key: str, recipe_src: Path, args, phases: Phases, log_dir: Path)
             rows.append(make_row(key, system, peer, precision, None, None, None, None, "failed", reason))
 
     paired = phases.run(f"{key}-headtohead", lambda: head_to_head(
-        rows, {p: d for p, d in peer_dirs.items() if p.startswith("genai")}, report, src, common_args, phases.dir,
+        rows, peer_dirs, report, src, common_args, phases.dir,
         log_dir / f"{key}-headtohead.log", say))
     return {"model": key, "recipe": str(recipe_src.relative_to(C.ROOT)), "name": name, "head_to_head": paired,
             "config": {k: v for k, v in json.loads((src / "config.json").read_text()).items()

@@ -223,9 +223,7 @@ class SlotLM:
         owned = self._logits_buffer(phase, high - low, binding) if one_position else None
         if owned is None:
             binding.bind_output("logits", "cpu")
-        started = time.perf_counter()
-        sess.run_with_iobinding(binding)
-        self.session_seconds = time.perf_counter() - started
+        self._run(sess, binding)
         if owned is not None:  # callers copy the rows they keep (decode's row selection, prefill's stack)
             return owned[:, -1]
         logits = binding.get_outputs()[-1].numpy()
@@ -233,7 +231,7 @@ class SlotLM:
 
     def _decode_feed(self, slots: list[int], low: int, high: int) -> "_DecodeFeed":
         """The last batch's feed, or a new one when the batch changed (a request joined or left)."""
-        key = (tuple(slots), self.capacity)
+        key = tuple(slots)  # a new capacity drops the feed (_set_capacity)
         if self._feed is None or self._feed.key != key:
             self._feed = _DecodeFeed.make(self, key, low, high)
         return self._feed
@@ -244,10 +242,13 @@ class SlotLM:
             feed.bind(binding, self.lm._info["decode"], self._one)
             self._fed = feed
         binding.bind_cpu_input("attention_mask", mask)
-        started = time.perf_counter()
-        self.lm.session.run_with_iobinding(binding)
-        self.session_seconds = time.perf_counter() - started
+        self._run(self.lm.session, binding)
         return feed.logits[:, -1]
+
+    def _run(self, sess: Any, binding: Any) -> None:
+        started = time.perf_counter()
+        sess.run_with_iobinding(binding)
+        self.session_seconds = time.perf_counter() - started
 
     def _mask(self, lengths: np.ndarray, width: int) -> np.ndarray:
         """[rows, width]: ones up to each row's new token (mask width = the longest row's new length)."""
@@ -258,13 +259,17 @@ class SlotLM:
     def _logits_buffer(self, phase: str, rows: int, binding: Any) -> np.ndarray:
         """A step with one logits position per row writes into an array of ours bound as the output: no
         allocation per step, and no Python objects for every present output to fetch the logits."""
+        array, value = self._logits_output(phase, rows)
+        binding.bind_ortvalue_output("logits", value)
+        return array
+
+    def _logits_output(self, phase: str, rows: int) -> tuple[np.ndarray, Any]:
+        """[rows, 1, vocab] logits and the OrtValue that aliases it, one per phase and row count."""
         key = (phase, rows)
         if key not in self._logits:
             array = np.empty((rows, 1, self.vocab_size), self.lm.logits_dtype)
             self._logits[key] = (array, _ortvalue(array))  # a CPU OrtValue from numpy aliases the array
-        array, value = self._logits[key]
-        binding.bind_ortvalue_output("logits", value)
-        return array
+        return self._logits[key]
 
     def _binding(self, phase: str, sess: Any, low: int, high: int) -> Any:
         """The phase's IOBinding with rows [low, high) of every buffer bound as past and present (rebound
@@ -291,24 +296,22 @@ class _DecodeFeed:
     so a step of the same batch binds only its mask, whose width grows. position_ids aliases the pool's
     lengths (the positions of the new tokens are the lengths before the step)."""
 
-    key: tuple
+    key: tuple[int, ...]  # the batch's slots
     rows: Any  # the batch's rows in the span: a slice when the batch is the whole span in order
     whole_span: bool
     ids: np.ndarray  # [span, 1]; padding in rows outside the batch
-    positions: np.ndarray  # [span, 1], a view of SlotLM.lengths
-    logits: np.ndarray  # [span, 1, vocab]
-    values: dict[str, Any]
+    logits: np.ndarray  # [span, 1, vocab], the pool's decode logits buffer for this span
+    values: dict[str, Any]  # OrtValues aliasing ids, logits and the span's slot lengths (position ids)
 
     @classmethod
     def make(cls, pool: "SlotLM", key: tuple, low: int, high: int) -> "_DecodeFeed":
-        slots = list(key[0])
-        whole = slots == list(range(low, high))
-        rows = slice(None) if whole else np.asarray(slots) - low
+        whole = list(key) == list(range(low, high))
+        rows = slice(None) if whole else np.asarray(key) - low
         ids = np.full((high - low, 1), pool.lm.pad_token_id, np.int64)
-        positions = pool.lengths[low:high, None]
-        logits = np.empty((high - low, 1, pool.vocab_size), pool.lm.logits_dtype)
-        values = {"input_ids": _ortvalue(ids), "position_ids": _ortvalue(positions), "logits": _ortvalue(logits)}
-        return cls(key, rows, whole, ids, positions, logits, values)
+        logits, logits_value = pool._logits_output("decode", high - low)
+        values = {"input_ids": _ortvalue(ids), "position_ids": _ortvalue(pool.lengths[low:high, None]),
+                  "logits": logits_value}
+        return cls(key, rows, whole, ids, logits, values)
 
     def bind(self, binding: Any, info: Any, one: Any) -> None:
         binding.bind_ortvalue_input("input_ids", self.values["input_ids"])
