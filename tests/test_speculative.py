@@ -10,6 +10,8 @@ from pathlib import Path
 
 import jsonschema
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import onnxruntime as ort
 import pytest
 
@@ -18,7 +20,7 @@ from recipec.cli import main
 from recipec.recipe.schema import build_recipe_schema
 from recipec.runtime import lm as runtime
 from recipec.runtime.kv_ops import KVOps
-from recipec.runtime.proposers import DraftProposer, Proposal, Sampler, lookup
+from recipec.runtime.proposers import DraftProposer, NgramIndex, NgramProposer, Proposal, Sampler, lookup
 from recipec.runtime.speculative import SpecConfig, generate_speculative, verify
 
 # The first prompt repeats itself, so that lookups find earlier occurrences.
@@ -52,6 +54,34 @@ def test_lookup_proposes_what_followed_the_most_recent_match():
     assert lookup([1, 2, 3, 9, 1, 2, 3, 7, 1, 2, 3], 5, 3) == [7, 1, 2, 3]  # as many as follow
     assert lookup([4, 2, 5, 3, 2], 3, 3) == [5, 3, 2]  # the 3- and 2-grams miss; 1-gram [2] hits
     assert lookup([4, 5, 6], 3, 3) == [] and lookup([4], 3, 3) == []
+
+
+def scan(context, k, max_ngram):
+    """Prompt lookup by its definition: every earlier window of n tokens compared with the last n."""
+    for n in range(min(max_ngram, len(context) - 1), 0, -1):
+        starts = [i + n for i in range(len(context) - n) if context[i:i + n] == context[-n:]]
+        if starts:
+            return context[starts[-1]:starts[-1] + k]
+    return []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 4), max_size=40), st.integers(0, 5), st.integers(1, 4), st.integers(1, 40))
+def test_the_index_grown_token_by_token_proposes_what_a_scan_finds(context, k, max_ngram, chunk):
+    index = NgramIndex(max_ngram)
+    for start in range(0, len(context), chunk):  # grown in chunks, as the engine feeds a step's tokens
+        index.extend(context[start:start + chunk])
+        seen = context[:start + chunk]
+        assert index.propose(k) == scan(seen, k, max_ngram)
+    assert index.propose(k) == scan(context, k, max_ngram)
+
+
+def test_the_ngram_proposer_starts_over_on_a_context_that_does_not_extend_the_last():
+    proposer, sampler = NgramProposer(2), Sampler()
+    assert proposer.propose([1, 2, 3, 1, 2], 2, sampler).tokens == [3, 1]
+    assert proposer.propose([1, 2, 3, 1, 2, 3], 2, sampler).tokens == [1, 2]  # extended: indexed incrementally
+    assert proposer.propose([5, 2, 7, 5], 2, sampler).tokens == [2, 7]  # another sequence
+    assert proposer.index.tokens == [5, 2, 7, 5]
 
 
 @pytest.mark.parametrize("k", [1, 4])

@@ -27,13 +27,14 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from recipec.runtime.proposers import Proposal, Sampler, lookup
+from recipec.runtime.proposers import NgramIndex, Proposal, Sampler
 from recipec.runtime.records import RequestRecord, StepRecord
 from recipec.runtime.speculative import SpecConfig, SpecStats, verify
 
@@ -169,6 +170,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._prefilling: list[Request] = []
+        # a request's n-gram index lives as long as the request does
+        self._indexes: weakref.WeakKeyDictionary[Request, NgramIndex] = weakref.WeakKeyDictionary()
 
     # ---- submission (any thread) ----
     def submit(self, prompt: Sequence[int], max_new_tokens: int, *, ignore_eos: bool = True,
@@ -259,13 +262,16 @@ class Engine:
             n, tokens = n + 1, tokens + len(r.prompt)
         return self._take(n)
 
-    def _run(self, kind: str, call: Callable[[], tuple[Any, Any]], ctx: list[int], padded: int,
+    def _run(self, kind: str, call: Callable[[], tuple[Any, Any]], shape: Callable[[], tuple[list[int], int]],
              rows: Sequence[Request]) -> tuple[np.ndarray, Any]:
+        """One model call and its tokens; `shape` (the rows' context lengths, the padded length) is asked before
+        the call, and only when steps are recorded: a server's step does no bookkeeping it will not keep."""
+        ctx, padded = shape() if self.record_steps else ((), 0)
         t0 = self.clock.now()
         logits, cache = call()
         tokens = self._pick(logits, rows)
         if self.record_steps:
-            self.steps.append(StepRecord(kind, t0, self.clock.now(), ctx, len(tokens), padded,
+            self.steps.append(StepRecord(kind, t0, self.clock.now(), list(ctx), len(tokens), padded,
                                          getattr(self.model, "session_seconds", None)))
         return tokens, cache
 
@@ -277,7 +283,7 @@ class Engine:
         # Taken off the queue and not yet rows: a failed prefill must fail them here, or no one would.
         self._prefilling = reqs
         tokens, cache = self._run("prefill", lambda: self.model.prefill([r.prompt for r in reqs]),
-                                  [len(r.prompt) for r in reqs], max(len(r.prompt) for r in reqs), reqs)
+                                  lambda: ([len(r.prompt) for r in reqs], max(len(r.prompt) for r in reqs)), reqs)
         self._prefilling = []
         self._emit(reqs, tokens, self.clock.now())
         if self.policy.batching != "continuous":
@@ -293,15 +299,16 @@ class Engine:
     def _decode(self) -> None:
         if self.speculation is not None and self._speculate():
             return
-        live = [r for r in self._rows if not r.finished]
-        past = self.ops.length(self._cache)
+        rows = self._rows
+        live = 0 if self.speculation is None else sum(not r.finished for r in rows)
         tokens, self._cache = self._run(
-            "decode", lambda: self.model.decode([r.tokens[-1] for r in self._rows], self._cache),
-            [len(r.prompt) + len(r.tokens) for r in live], past + 1, self._rows)
-        self._emit(self._rows, tokens, self.clock.now())
-        if self.speculation is not None:  # a plain step is a target step that emitted one token per row
-            self.spec_stats.target_steps += len(live)
-            self.spec_stats.step_tokens += len(live)
+            "decode", lambda: self.model.decode([r.tokens[-1] for r in rows], self._cache),
+            lambda: ([len(r.prompt) + len(r.tokens) for r in rows if not r.finished],
+                     self.ops.length(self._cache) + 1), rows)
+        self._emit(rows, tokens, self.clock.now())
+        if live:  # a plain step is a target step that emitted one token per row
+            self.spec_stats.target_steps += live
+            self.spec_stats.step_tokens += live
         self._retire_rows()
 
     def _speculate(self) -> bool:
@@ -314,7 +321,7 @@ class Engine:
             return False
         # a step emits its accepted proposals and one token more: propose no more than a row has room for
         room = [0 if r.finished else min(spec.tokens, r.max_new_tokens - len(r.tokens) - 1) for r in rows]
-        proposals = [lookup(r.prompt + r.tokens, k, spec.max_ngram) if k > 0 else [] for r, k in zip(rows, room)]
+        proposals = [self._lookup(r).propose(k) if k > 0 else [] for r, k in zip(rows, room)]
         width = max(map(len, proposals))
         past = self.ops.length(self._cache)
         if width == 0 or past + width + 1 > getattr(self.model, "context_length", float("inf")):
@@ -335,7 +342,7 @@ class Engine:
                 continue
             before = len(r.tokens)
             for token in new:
-                self._emit([r], np.asarray([token]), t)
+                self._emit([r], [token], t)
             stats.target_steps += 1
             stats.proposed += len(proposal)
             stats.accepted += min(accepted, len(proposal))
@@ -343,12 +350,21 @@ class Engine:
         self._retire_rows()
         return True
 
+    def _lookup(self, request: Request) -> NgramIndex:
+        """The request's n-gram index, brought up to its last token (built from its prompt on first use)."""
+        index = self._indexes.get(request)
+        if index is None:
+            index = self._indexes[request] = NgramIndex(self.speculation.max_ngram)
+            index.extend(request.prompt)
+        index.extend(request.tokens[len(index.tokens) - len(request.prompt):])
+        return index
+
     def _greedy(self, rows: Sequence[Request]) -> bool:
         """Whether every row picks tokens by argmax alone (what verification by argmax reproduces)."""
         return True
 
-    def _emit(self, reqs: Sequence[Request], tokens: np.ndarray, t: float) -> None:
-        for r, tok in zip(reqs, tokens.tolist()):
+    def _emit(self, reqs: Sequence[Request], tokens: np.ndarray | list[int], t: float) -> None:
+        for r, tok in zip(reqs, tokens if isinstance(tokens, list) else tokens.tolist()):
             if r.finished:
                 continue
             r.tokens.append(tok)

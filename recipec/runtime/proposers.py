@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from recipec.runtime.lm import KVCache, OnnxLM, draw, probabilities, sample
 
@@ -61,27 +60,56 @@ class Proposer(Protocol):
 
 
 class NgramProposer:
+    """Prompt lookup over one growing context at a time: a call whose context extends the last one's only
+    indexes the new tokens (NgramIndex); any other context starts a new index."""
+
     def __init__(self, max_ngram: int = 3):
         if max_ngram < 1:
             raise ValueError(f"max_ngram must be >= 1, got {max_ngram}")
         self.max_ngram = max_ngram
+        self.index = NgramIndex(max_ngram)
 
     def propose(self, context: Sequence[int], k: int, sampler: Sampler) -> Proposal:
-        return Proposal(lookup(context, k, self.max_ngram))
+        known = self.index.tokens
+        if len(context) < len(known) or list(context[:len(known)]) != known:
+            self.index = NgramIndex(self.max_ngram)
+        self.index.extend(context[len(self.index.tokens):])
+        return Proposal(self.index.propose(k))
+
+
+class NgramIndex:
+    """`lookup` kept up to date as a sequence grows: for each n-gram (n <= max_ngram) that has a follower,
+    where its most recent such occurrence was followed. A proposal then costs max_ngram dictionary reads
+    instead of a scan of the whole context per step, and indexing costs max_ngram entries per new token."""
+
+    def __init__(self, max_ngram: int):
+        self.max_ngram = max_ngram
+        self.tokens: list[int] = []
+        self._followers: list[dict[tuple[int, ...], int]] = [{} for _ in range(max_ngram)]  # [n - 1]
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        for token in tokens:
+            end = len(self.tokens)  # the n-grams ending just before the new token are followed by it
+            self.tokens.append(int(token))
+            for n in range(1, min(self.max_ngram, end) + 1):
+                self._followers[n - 1][tuple(self.tokens[end - n:end])] = end
+
+    def propose(self, k: int) -> list[int]:
+        """lookup(self.tokens, k, max_ngram), without the scan."""
+        tokens = self.tokens
+        for n in range(min(self.max_ngram, len(tokens) - 1), 0, -1):
+            start = self._followers[n - 1].get(tuple(tokens[-n:]))
+            if start is not None:
+                return tokens[start:start + k]
+        return []
 
 
 def lookup(context: Sequence[int], k: int, max_ngram: int) -> list[int]:
     """Up to k tokens that followed the most recent earlier occurrence of context's last n tokens, for the
     longest n <= max_ngram that occurs; [] when even the last token never occurred before."""
-    tokens = np.asarray(context, dtype=np.int64)
-    for n in range(min(max_ngram, len(tokens) - 1), 0, -1):
-        # Windows of tokens[:-1] end before the last token, so each has a follower and none is the suffix.
-        windows = sliding_window_view(tokens[:-1], n)
-        hits = np.flatnonzero((windows == tokens[-n:]).all(axis=1))
-        if hits.size:
-            start = int(hits[-1]) + n
-            return tokens[start:start + k].tolist()
-    return []
+    index = NgramIndex(max_ngram)
+    index.extend(context)
+    return index.propose(k)
 
 
 class DraftProposer:
