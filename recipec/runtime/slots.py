@@ -83,8 +83,8 @@ class SlotLM:
         self._bindings: dict[str, tuple[Any, tuple[int, int, int] | None]] = {}
         self._set_capacity(min(capacity, self.context_length))
         self._buffers = self._allocate(self.capacity)
-        self._logits: dict[tuple[str, int], tuple[np.ndarray, Any]] = {}
-        self._one = _ortvalue(np.array(1, np.int64))
+        self._logits: dict[tuple[str, int, int], tuple[np.ndarray, Any]] = {}
+        self._keeps: dict[int, Any] = {}
         limits = {entry.get("id") for entry in (lm.artifact.get("requires") or {}).get("limits", [])}
         self._batched_chunks = requires.BATCH_1_CHUNKS not in limits  # read once: `verifies` runs every step
 
@@ -145,8 +145,8 @@ class SlotLM:
         ids = np.full((high - low, width), self.lm.pad_token_id, np.int64)
         ids[rows] = tokens
         positions = self.lengths[low:high, None] + np.arange(width)[None, :]
-        mask = (np.arange(int(positions.max()) + 1)[None, :] <= positions[:, -1:]).astype(np.int64)
-        logits = self._step("decode", low, high, ids, mask, positions, keep=width)
+        last = positions[:, -1]
+        logits = self._step("decode", low, high, ids, self._mask(last, int(last.max()) + 1), positions, keep=width)
         self.lengths[batch.slots] += width
         return logits[rows]
 
@@ -217,17 +217,23 @@ class SlotLM:
         if info.position_ids:
             binding.bind_cpu_input("position_ids", positions.astype(np.int64))
         if info.select_logits:
-            binding.bind_ortvalue_input(art.LOGITS_TO_KEEP, self._one if keep == 1 else
-                                        _ortvalue(np.array(keep, np.int64)))
-        one_position = keep == 1 and (ids.shape[1] == 1 or info.select_logits)
-        owned = self._logits_buffer(phase, high - low, binding) if one_position else None
+            binding.bind_ortvalue_input(art.LOGITS_TO_KEEP, self._keep_value(keep))
+        # the logits output holds `keep` positions when the graph selects them or every fed one is kept
+        owned = (self._logits_buffer(phase, high - low, keep, binding)
+                 if info.select_logits or ids.shape[1] == keep else None)
         if owned is None:
             binding.bind_output("logits", "cpu")
         self._run(sess, binding)
         if owned is not None:  # callers copy the rows they keep (decode's row selection, prefill's stack)
-            return owned[:, -1]
+            return owned[:, -1] if keep == 1 else owned
         logits = binding.get_outputs()[-1].numpy()
         return logits[:, -1] if keep == 1 else logits[:, -keep:]
+
+    def _keep_value(self, keep: int) -> Any:
+        """logits_to_keep as an OrtValue, made once per value (verify keeps the same K + 1 every step)."""
+        if keep not in self._keeps:
+            self._keeps[keep] = _ortvalue(np.array(keep, np.int64))
+        return self._keeps[keep]
 
     def _decode_feed(self, slots: list[int], low: int, high: int) -> "_DecodeFeed":
         """The last batch's feed, or a new one when the batch changed (a request joined or left)."""
@@ -239,7 +245,7 @@ class SlotLM:
     def _run_decode(self, feed: "_DecodeFeed", low: int, high: int, mask: np.ndarray) -> np.ndarray:
         binding = self._binding("decode", self.lm.session, low, high)
         if self._fed is not feed:  # another batch's step, or verify's (_step), bound other inputs
-            feed.bind(binding, self.lm._info["decode"], self._one)
+            feed.bind(binding, self.lm._info["decode"], self._keep_value(1))
             self._fed = feed
         binding.bind_cpu_input("attention_mask", mask)
         self._run(self.lm.session, binding)
@@ -256,18 +262,18 @@ class SlotLM:
             return self._ones[:, :width]
         return (self._columns[:width] <= lengths[:, None]).astype(np.int64)
 
-    def _logits_buffer(self, phase: str, rows: int, binding: Any) -> np.ndarray:
-        """A step with one logits position per row writes into an array of ours bound as the output: no
+    def _logits_buffer(self, phase: str, rows: int, positions: int, binding: Any) -> np.ndarray:
+        """A step whose logits output has a known shape writes into an array of ours bound as the output: no
         allocation per step, and no Python objects for every present output to fetch the logits."""
-        array, value = self._logits_output(phase, rows)
+        array, value = self._logits_output(phase, rows, positions)
         binding.bind_ortvalue_output("logits", value)
         return array
 
-    def _logits_output(self, phase: str, rows: int) -> tuple[np.ndarray, Any]:
-        """[rows, 1, vocab] logits and the OrtValue that aliases it, one per phase and row count."""
-        key = (phase, rows)
+    def _logits_output(self, phase: str, rows: int, positions: int = 1) -> tuple[np.ndarray, Any]:
+        """[rows, positions, vocab] logits and the OrtValue that aliases it, one per phase and shape."""
+        key = (phase, rows, positions)
         if key not in self._logits:
-            array = np.empty((rows, 1, self.vocab_size), self.lm.logits_dtype)
+            array = np.empty((rows, positions, self.vocab_size), self.lm.logits_dtype)
             self._logits[key] = (array, _ortvalue(array))  # a CPU OrtValue from numpy aliases the array
         return self._logits[key]
 
