@@ -46,17 +46,20 @@ def providers_for(device: str) -> list[str]:
 
 def session(path: Path | bytes, device: str = "cpu", level: ort.GraphOptimizationLevel | None = None,
             optimized_path: Path | None = None, external: bool = False, threads: int | None = None,
-            profile_prefix: Path | None = None, spin_between_runs: bool = True) -> ort.InferenceSession:
+            profile_prefix: Path | None = None, spin_us: int | None = None) -> ort.InferenceSession:
     """The one session factory, for a graph file or a serialized graph (bytes). With optimized_path, onnxruntime also writes its optimized graph there
     (offline mode); with profile_prefix, it records a trace that end_profiling() writes beside that prefix
-    (recipec.onnx.placement reads it). A graph onnxruntime cannot load is a PassError naming the file."""
+    (recipec.onnx.placement reads it). spin_us: how long the intra-op pool's threads spin waiting for work
+    after a run before they sleep (None: onnxruntime's default; 0: they stop when a run ends). A graph
+    onnxruntime cannot load is a PassError naming the file."""
     options = ort.SessionOptions()
     options.log_severity_level = 3  # the overridable logits_to_keep initializer draws a warning on every load
     if threads:
         options.intra_op_num_threads = threads
-    if not spin_between_runs:  # two sessions taking turns (a phase-split variant): a pool still spinning after
-        # its run would steal the cores from the other's; within a run, spinning saves a wake-up per operator
+    if spin_us == 0:
         options.add_session_config_entry("session.force_spinning_stop", "1")
+    elif spin_us is not None:
+        options.add_session_config_entry("session.intra_op.spin_duration_us", str(spin_us))
     if profile_prefix is not None:
         options.enable_profiling = True
         options.profile_file_prefix = str(profile_prefix)

@@ -43,6 +43,13 @@ from recipec.errors import PassError
 from recipec.runtime.kv_ops import KVOps
 
 _NUMPY_TYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
+# A phase-split variant's two sessions take turns, each with its own thread pool. The prefill pool stops
+# spinning when its run ends: a pool spinning on after it would take the cores from the decode steps. The decode
+# pool spins this long, enough to bridge the host work between two steps (tens of microseconds), too short to
+# slow a prefill that follows the last step much: always stopping made every step wake its threads, and TPOT
+# ~6% slower than the decode graph alone at 5M parameters; spinning at onnxruntime's default doubled TTFT at
+# 156M (docs/benchmarks.md, "Phase-split sessions").
+SPLIT_DECODE_SPIN_US = 100
 
 
 @dataclass
@@ -350,11 +357,9 @@ def load(variant_dir: Path | str, device: str = "auto", threads: int | None = No
     variant_dir = Path(variant_dir)
     artifact = art.read_artifact(variant_dir)
     phases = artifact.get("phases") or {}
-    alone = not phases  # two sessions taking turns must not spin-wait against each other between runs
     decode = session(variant_dir / phases.get("decode", {}).get("file", art.MODEL_FILE), resolved, threads=threads,
-                     spin_between_runs=alone)
-    prefill = session(variant_dir / phases["prefill"]["file"], resolved, threads=threads,
-                      spin_between_runs=alone) if phases else None
+                     spin_us=SPLIT_DECODE_SPIN_US if phases else None)
+    prefill = session(variant_dir / phases["prefill"]["file"], resolved, threads=threads, spin_us=0) if phases else None
     return OnnxLM(decode, artifact, resolved, prefill_session=prefill)
 
 
