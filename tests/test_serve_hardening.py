@@ -23,10 +23,14 @@ from pathlib import Path
 import pytest
 
 from recipec.cli.serve import main
-from test_serve import CONTEXT, SERVING, fake_build
+from test_serve import SERVING, fake_build
 from conftest import free_port
 
-LONG = 4000  # tokens: several seconds of decoding, a request that holds the only batch slot while a test acts
+# A request that holds the only batch slot while a test acts: every test ends it (a hang-up, a deadline, a
+# shutdown) seconds in, so it must last longer than that on a fast host too (4000 tokens took under 3 s on a
+# 2-core EPYC). Its tokens are never all decoded, so a long one costs nothing.
+LONG = 60000
+CONTEXT = LONG + 64
 HARD = ["--max-queue", "4", "--max-queue-per-client", "2", "--max-body-bytes", "8000000",
         "--max-prompt-chars", "1500000", "--header-timeout", "1", "--body-timeout", "1", "--keep-alive-timeout", "1",
         "--max-connections", "12"]
