@@ -52,8 +52,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 # Speculative decoding, per model key: measured at batch 1 on the eval windows (recipec.profile.speculative, as
 # a report's variants.<v>.speculative) by this script, so that the serving runs stay plain and every TPOT
 # compared with onnxruntime-genai is like for like. Only on the trained reference model: prompt lookup needs
-# text that repeats itself, not random weights. K = 2 was the best K on this model (docs/speculative.md).
-SPECULATE = {"reference": {"method": "ngram", "tokens": 2}}
+# text that repeats itself, not random weights. K = 3: on the 2-core EPYC host (2026-12-01), over K = 2, 3, 4
+# and every identical variant, 3 gave the lowest speculative TPOT (docs/speculative.md, "Choosing K").
+SPECULATE = {"reference": {"method": "ngram", "tokens": 3}}
 
 # The peers: (id, environment, system, precision). Their build commands are in build_peer.
 PEERS = [("genai-fp32", "genai", "onnxruntime-genai", "fp32"),
