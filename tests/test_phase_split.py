@@ -14,7 +14,7 @@ from recipec.onnx import artifact
 from recipec.passes.base import PassError
 from recipec.passes.onnx import phase_split
 from recipec.runtime import engine
-from recipec.runtime.lm import load
+from recipec.runtime.lm import SPLIT_DECODE_SPIN_US, load
 
 PROMPTS = [[5, 6, 7, 8], [9, 10]]
 # Random weights drift far under quantization; these tests check plumbing, not fidelity.
@@ -66,6 +66,20 @@ def test_prefill_runs_the_prefill_graph_and_decode_the_decode_graph(graphs):
     step, _ = split.decode(tokens, cache)
     step_alone, _ = int4.decode(tokens, cache)  # the decode graph alone, given the same cache
     np.testing.assert_allclose(step, step_alone, rtol=0, atol=1e-6)
+
+
+def test_the_decode_pool_spins_briefly_between_steps_and_the_prefill_pool_stops(graphs):
+    """Two pools taking turns: the decode one bridges the host work between steps, the prefill one must not
+    spin on into them (docs/phase-split.md)."""
+    split, alone = load(graphs["split"], device="cpu"), load(graphs["int4"], device="cpu")
+
+    def entry(session, key):
+        return session.get_session_options().get_session_config_entry(key)
+
+    assert entry(split.session, "session.intra_op.spin_duration_us") == str(SPLIT_DECODE_SPIN_US)
+    assert entry(split.prefill_session, "session.force_spinning_stop") == "1"
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # a single graph: no entry
+        entry(alone.session, "session.intra_op.spin_duration_us")
 
 
 def test_greedy_generation_is_int8_prefill_then_int4_decode(graphs):
