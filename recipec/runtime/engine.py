@@ -222,6 +222,8 @@ class Engine:
         return None
 
     def _take_inbox(self) -> None:
+        if not self._inbox:  # a submit racing this read is taken at the next step (it notifies the loop too)
+            return
         with self._cond:
             while self._inbox:
                 self._waiting.append(self._inbox.popleft())
@@ -254,6 +256,8 @@ class Engine:
         """FIFO, stopping at the first request that does not fit, so no request is overtaken.
         A prompt longer than the token budget still runs alone rather than never."""
         room = self.policy.max_batch_size - len(self._rows)
+        if not (room > 0 and self._waiting):
+            return []
         budget = self.policy.max_tokens_per_step or float("inf")
         n, tokens = 0, 0
         for r in self._waiting:

@@ -114,19 +114,29 @@ class SlotLM:
 
     def decode(self, tokens: Sequence[int] | np.ndarray, batch: SlotBatch) -> tuple[np.ndarray, SlotBatch]:
         """One new token per row of the batch, written in place; logits [B, V]. A row of the span that is not in
-        the batch is fed a padding token at its own length, which writes only past its own data."""
-        tokens = np.asarray(tokens, np.int64).reshape(-1)
-        if tokens.shape[0] != batch.batch_size:
-            raise ValueError(f"decode got {tokens.shape[0]} tokens for a batch of {batch.batch_size} rows")
-        low, high = min(batch.slots), max(batch.slots) + 1
-        lengths = self.lengths[low:high]  # a view: the positions, and what the step moves on
-        width = int(lengths.max()) + 1
-        self._reserve(width)
-        feed = self._decode_feed(batch.slots, low, high)
-        feed.ids[feed.rows, 0] = tokens
-        logits = self._run_decode(feed, low, high, self._mask(lengths, width))
-        lengths[feed.rows] += 1
-        return (logits.copy() if feed.whole_span else logits[feed.rows]), batch
+        the batch is fed a padding token at its own length, which writes only past its own data.
+
+        While the batch stays the same, a step is a few operations on objects the last step left (its feed):
+        after a session run has been through the caches, each Python or numpy call here costs microseconds
+        (on the bench host, 15-20 us for a numpy ufunc or an input bound from numpy against 1 us in a loop),
+        and at 5M parameters they added ~15% to a step. A one-row span, the latency case, makes no numpy call."""
+        feed = self._decode_feed(batch.slots)
+        width = feed.width()
+        if width > self.capacity:
+            self._reserve(width)  # a new capacity drops the feed and the bindings
+            feed = self._decode_feed(batch.slots)
+        feed.put(tokens)
+        if self._fed is not feed:  # another batch's step, or verify's (_step), bound other inputs
+            feed.bind(self._binding("decode", self.lm.session, feed.low, feed.high), self.lm._info["decode"],
+                      self._keep_value(1))
+            self._fed = feed
+        if feed.one:
+            feed.binding.bind_ortvalue_input("attention_mask", self._one_row_mask(width))
+        else:
+            feed.binding.bind_cpu_input("attention_mask", self._mask(feed.lengths, width))
+        self._run(self.lm.session, feed.binding)
+        feed.advance()
+        return (feed.last.copy() if feed.whole_span else feed.last[feed.rows]), batch
 
     def verify(self, tokens: np.ndarray, batch: SlotBatch) -> np.ndarray:
         """Speculative verification: every row feeds its S tokens [last, proposals...] after its cache, all
@@ -190,6 +200,7 @@ class SlotLM:
         self._bindings.clear()
         self._feed = self._fed = None
         self._ones = np.ones((1, capacity), np.int64)  # a one-row span's mask is a view of it
+        self._one_row_masks: dict[int, Any] = {}  # width -> OrtValue of that view
         self._columns = np.arange(capacity)
 
     def _allocate(self, capacity: int) -> list[Any]:
@@ -235,26 +246,23 @@ class SlotLM:
             self._keeps[keep] = _ortvalue(np.array(keep, np.int64))
         return self._keeps[keep]
 
-    def _decode_feed(self, slots: list[int], low: int, high: int) -> "_DecodeFeed":
+    def _decode_feed(self, slots: list[int]) -> "_DecodeFeed":
         """The last batch's feed, or a new one when the batch changed (a request joined or left)."""
-        key = tuple(slots)  # a new capacity drops the feed (_set_capacity)
-        if self._feed is None or self._feed.key != key:
-            self._feed = _DecodeFeed.make(self, key, low, high)
-        return self._feed
-
-    def _run_decode(self, feed: "_DecodeFeed", low: int, high: int, mask: np.ndarray) -> np.ndarray:
-        binding = self._binding("decode", self.lm.session, low, high)
-        if self._fed is not feed:  # another batch's step, or verify's (_step), bound other inputs
-            feed.bind(binding, self.lm._info["decode"], self._keep_value(1))
-            self._fed = feed
-        binding.bind_cpu_input("attention_mask", mask)
-        self._run(self.lm.session, binding)
-        return feed.logits[:, -1]
+        feed = self._feed  # a new capacity drops it (_set_capacity)
+        if feed is None or feed.slots != slots:
+            feed = self._feed = _DecodeFeed.make(self, slots)
+        return feed
 
     def _run(self, sess: Any, binding: Any) -> None:
         started = time.perf_counter()
         sess.run_with_iobinding(binding)
         self.session_seconds = time.perf_counter() - started
+
+    def _one_row_mask(self, width: int) -> Any:
+        mask = self._one_row_masks.get(width)
+        if mask is None:
+            mask = self._one_row_masks[width] = _ortvalue(self._ones[:, :width])
+        return mask
 
     def _mask(self, lengths: np.ndarray, width: int) -> np.ndarray:
         """[rows, width]: ones up to each row's new token (mask width = the longest row's new length)."""
@@ -302,22 +310,50 @@ class _DecodeFeed:
     so a step of the same batch binds only its mask, whose width grows. position_ids aliases the pool's
     lengths (the positions of the new tokens are the lengths before the step)."""
 
-    key: tuple[int, ...]  # the batch's slots
+    slots: list[int]  # the batch's, in its order
+    low: int  # the span of slots the step runs: [low, high)
+    high: int
     rows: Any  # the batch's rows in the span: a slice when the batch is the whole span in order
     whole_span: bool
+    lengths: np.ndarray  # the pool's lengths of the span (a view)
     ids: np.ndarray  # [span, 1]; padding in rows outside the batch
-    logits: np.ndarray  # [span, 1, vocab], the pool's decode logits buffer for this span
-    values: dict[str, Any]  # OrtValues aliasing ids, logits and the span's slot lengths (position ids)
+    last: np.ndarray  # [span, vocab]: the pool's decode logits buffer for this span, its one position
+    values: dict[str, Any]  # OrtValues aliasing ids, logits and the span's lengths (position ids)
+    one: bool  # a one-row span: its length and token are read and written as Python ints (memoryviews)
+    length_view: memoryview
+    id_view: memoryview
+    binding: Any = None  # the decode IOBinding, once bound
 
     @classmethod
-    def make(cls, pool: "SlotLM", key: tuple, low: int, high: int) -> "_DecodeFeed":
-        whole = list(key) == list(range(low, high))
-        rows = slice(None) if whole else np.asarray(key) - low
+    def make(cls, pool: "SlotLM", slots: list[int]) -> "_DecodeFeed":
+        low, high = min(slots), max(slots) + 1
+        whole = slots == list(range(low, high))
+        rows = slice(None) if whole else np.asarray(slots) - low
         ids = np.full((high - low, 1), pool.lm.pad_token_id, np.int64)
         logits, logits_value = pool._logits_output("decode", high - low)
-        values = {"input_ids": _ortvalue(ids), "position_ids": _ortvalue(pool.lengths[low:high, None]),
-                  "logits": logits_value}
-        return cls(key, rows, whole, ids, logits, values)
+        lengths = pool.lengths[low:high]
+        values = {"input_ids": _ortvalue(ids), "position_ids": _ortvalue(lengths[:, None]), "logits": logits_value}
+        return cls(list(slots), low, high, rows, whole, lengths, ids, logits[:, -1], values, high - low == 1,
+                   memoryview(lengths), memoryview(ids.reshape(-1)))
+
+    def width(self) -> int:
+        """The mask's width this step: the longest row's length after it."""
+        return (self.length_view[0] if self.one else int(self.lengths.max())) + 1
+
+    def put(self, tokens: Sequence[int] | np.ndarray) -> None:
+        if self.one and isinstance(tokens, list) and len(tokens) == 1:  # what the engine passes
+            self.id_view[0] = int(tokens[0])
+            return
+        tokens = np.asarray(tokens, np.int64).reshape(-1)
+        if tokens.shape[0] != len(self.slots):
+            raise ValueError(f"decode got {tokens.shape[0]} tokens for a batch of {len(self.slots)} rows")
+        self.ids[self.rows, 0] = tokens
+
+    def advance(self) -> None:
+        if self.one:
+            self.length_view[0] += 1
+        else:
+            self.lengths[self.rows] += 1
 
     def bind(self, binding: Any, info: Any, one: Any) -> None:
         binding.bind_ortvalue_input("input_ids", self.values["input_ids"])
@@ -326,6 +362,7 @@ class _DecodeFeed:
         if info.select_logits:
             binding.bind_ortvalue_input(art.LOGITS_TO_KEEP, one)
         binding.bind_ortvalue_output("logits", self.values["logits"])
+        self.binding = binding
 
 
 def _ortvalue(array: np.ndarray) -> Any:
