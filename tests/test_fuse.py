@@ -92,6 +92,25 @@ def test_artifact_describes_the_fused_graph(fused, exported):
     assert {f["name"] for f in written["files"]} >= {"model.onnx", "config.json", "tokenizer.json"}
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_the_kept_logits_are_one_slice_selecting_what_the_exported_graph_selects(family, fused, exported):
+    import numpy as np
+
+    from recipec.runtime.lm import load
+
+    variant, metrics = fused(family)
+    assert metrics["rewrites"]["kept_logits_slices"] == 1
+    graph = onnx.load(str(variant / "model.onnx"), load_external_data=False).graph
+    assert [n.op_type for n in graph.node if "logits_to_keep" in n.input] == ["Neg"]  # the traced clamping is gone
+    source, candidate = load(exported(family)[0], device="cpu"), load(variant, device="cpu")
+    ids = np.random.default_rng(0).integers(0, source.vocab_size, (2, 5))
+    for keep in (0, 1, 3, 5, 9):  # 0 is every position, as is anything past the sequence
+        want, _ = source.forward(ids, np.ones_like(ids), source.empty_cache(2), logits_to_keep=keep)
+        got, _ = candidate.forward(ids, np.ones_like(ids), candidate.empty_cache(2), logits_to_keep=keep)
+        assert got.shape == want.shape == (2, keep if 0 < keep < 5 else 5, source.vocab_size)
+        np.testing.assert_allclose(got, want, atol=1e-4)
+
+
 def test_attention_none_keeps_attention_unfused(exported, tmp_path):
     metrics = run_fuse(exported("llama")[0], tmp_path, attention="none")
     ops = _ops(tmp_path)

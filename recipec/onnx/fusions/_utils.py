@@ -5,6 +5,15 @@ import numpy as np
 import onnx_ir as ir
 
 
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """A constant the rewrite adds, named and typed."""
+    array = np.asarray(array, order="C")  # (ascontiguousarray would make a scalar 1-D)
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name), shape=ir.Shape(array.shape),
+                     type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
+    graph.register_initializer(value)
+    return value
+
+
 def const(value: ir.Value | None) -> np.ndarray | None:
     if value is None:
         return None

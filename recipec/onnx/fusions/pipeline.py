@@ -31,7 +31,7 @@ from onnxscript import rewriter as onnxscript_rewriter
 from onnxscript.optimizer import fold_constants_ir
 
 from recipec.errors import PassError
-from recipec.onnx.fusions import attention, gemm, qkv, shapes
+from recipec.onnx.fusions import attention, gemm, kept_logits, qkv, shapes
 
 ATTENTION_OPS = {"gqa": "GroupQueryAttention", "mha": "MultiHeadAttention"}
 
@@ -155,6 +155,10 @@ def prepare(model: ir.Model, report: FusionReport) -> ir.Model:
         report.add(f"shape_gathers_to_{kind}", count)
     clean(model)
     return model
+
+
+def slice_kept_logits(model: ir.Model, report: FusionReport) -> None:
+    report.add("kept_logits_slices", kept_logits.slice_kept_logits(model))
 
 
 def fuse_attention(model: ir.Model, choice: str, report: FusionReport, log: Callable[[str], None],

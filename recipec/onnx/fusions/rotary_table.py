@@ -21,6 +21,7 @@ import onnx
 import onnx_ir as ir
 
 from recipec.onnx import sessions
+from recipec.onnx.fusions._utils import add_initializer
 
 # Values of a scattered second evaluation may differ from the table's rows by this much (float rounding of
 # the same kernels on another shape); a sequence-dependent rope differs by orders of magnitude more.
@@ -63,7 +64,7 @@ def _make(model: ir.Model, graph: ir.Graph, cos: ir.Value, sin: ir.Value, positi
             return None
     suffix = "" if index == 0 else f".{index}"
     half = table_cos.shape[-1] // 2
-    return tuple(_initializer(graph, f"rotary.{kind}_cache{suffix}", table[:, :half])
+    return tuple(add_initializer(graph, f"rotary.{kind}_cache{suffix}", table[:, :half])
                  for kind, table in (("cos", table_cos), ("sin", table_sin)))
 
 
@@ -109,9 +110,3 @@ def _evaluator(model: ir.Model, nodes: list[ir.Node], positions: ir.Value, outpu
         results = runner.run(names, {positions.name: ids})
         return [r.reshape(-1, r.shape[-1]) for r in results]
     return evaluate
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
-    graph.register_initializer(value)
-    return value

@@ -11,6 +11,8 @@ import onnx
 import onnx_ir as ir
 from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
+from recipec.onnx.fusions._utils import add_initializer
+
 
 # Float initializers above this many elements are weights; shape inference never needs their values.
 _WEIGHT_ELEMENTS = 1024
@@ -80,19 +82,12 @@ def _input_dims(graph: ir.Graph) -> dict[str, tuple[ir.Value, int]]:
     return found
 
 
-def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.tensor(array), shape=ir.Shape(array.shape),
-                     type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
-    graph.register_initializer(value)
-    return value
-
-
 def _input_dim_value(graph: ir.Graph, cache: dict, source: tuple[ir.Value, int], anchor: ir.Node) -> ir.Value:
     """A scalar Gather(Shape(input), axis), created once per (input, axis) at the top of the graph."""
     if source not in cache:
         value, axis = source
         shape = ir.node("Shape", [value], name=f"recipec_shape_{value.name}")
-        index = _const(graph, f"recipec_axis_{value.name}_{axis}", np.array(axis, np.int64))
+        index = add_initializer(graph, f"recipec_axis_{value.name}_{axis}", np.array(axis, np.int64))
         dim = ir.node("Gather", [shape.outputs[0], index], attributes={"axis": 0},
                       name=f"recipec_dim_{value.name}_{axis}")
         dim.outputs[0].name = f"recipec_dim_{value.name}_{axis}"
@@ -114,7 +109,7 @@ def fold_shape_gathers(model: ir.Model) -> dict[str, int]:
             continue
         out = node.outputs[0]
         if all(isinstance(d, int) for d in dims.flat):
-            out.replace_all_uses_with(_const(graph, f"{out.name}_static", dims.astype(np.int64)))
+            out.replace_all_uses_with(add_initializer(graph, f"{out.name}_static", dims.astype(np.int64)))
             counts["static"] += 1
         elif dims.ndim == 0 and isinstance(dims.item(), ir.SymbolicDim) and dims.item().value in inputs:
             source = inputs[dims.item().value]

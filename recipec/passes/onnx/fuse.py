@@ -89,6 +89,7 @@ def _graph_fusions(model: ir.Model, params: dict[str, Any], ctx: StageContext,
     overridable = pipeline.detach_overridable(model)
     model = pipeline.prepare(model, report)
     if params["level"] != "basic":
+        pipeline.slice_kept_logits(model, report)
         shared = params["kv_buffer"] == "shared"
         whole = shared and compat.whole_attention_in_gqa(params["target_onnxruntime"])
         pipeline.fuse_attention(model, params["attention"], report, ctx.log, shared_buffer=shared,
