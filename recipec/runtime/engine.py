@@ -270,8 +270,7 @@ class Engine:
              rows: Sequence[Request]) -> tuple[np.ndarray, Any]:
         """One model call and its tokens; `shape` (the rows' context lengths, the padded length) is asked before
         the call, and only when steps are recorded: a server's step does no bookkeeping it will not keep."""
-        ctx, padded = shape() if self.record_steps else ((), 0)
-        t0 = self.clock.now()
+        ctx, padded, t0 = (*shape(), self.clock.now()) if self.record_steps else ((), 0, 0.0)
         logits, cache = call()
         tokens = self._pick(logits, rows)
         if self.record_steps:
