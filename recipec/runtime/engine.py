@@ -133,10 +133,9 @@ class Request:
     cancelled: bool = False
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def finished(self) -> bool:
-        return self.done.is_set()
+    # set with `done` by the engine: the scheduler reads it for every row at every step, where a plain
+    # attribute is cheaper than the Event's method (other threads wait on `done`)
+    finished: bool = False
 
     def cancel(self) -> None:
         # Read by the scheduler thread at its next step; a bool store is atomic under the GIL.
@@ -308,11 +307,12 @@ class Engine:
             "decode", lambda: self.model.decode([r.tokens[-1] for r in rows], self._cache),
             lambda: ([len(r.prompt) + len(r.tokens) for r in rows if not r.finished],
                      self.ops.length(self._cache) + 1), rows)
-        self._emit(rows, tokens, self.clock.now())
+        ended = self._emit(rows, tokens, self.clock.now())
         if live:  # a plain step is a target step that emitted one token per row
             self.spec_stats.target_steps += live
             self.spec_stats.step_tokens += live
-        self._retire_rows()
+        if ended:  # else the rows are the ones the last retirement kept
+            self._retire_rows()
 
     def _speculate(self) -> bool:
         """One verification step for every row (docs/speculative.md, "In the engine"): each row's n-gram lookup,
@@ -366,7 +366,9 @@ class Engine:
         """Whether every row picks tokens by argmax alone (what verification by argmax reproduces)."""
         return True
 
-    def _emit(self, reqs: Sequence[Request], tokens: np.ndarray | list[int], t: float) -> None:
+    def _emit(self, reqs: Sequence[Request], tokens: np.ndarray | list[int], t: float) -> bool:
+        """Appends each row's token; whether a request finished."""
+        ended = False
         for r, tok in zip(reqs, tokens if isinstance(tokens, list) else tokens.tolist()):
             if r.finished:
                 continue
@@ -377,6 +379,8 @@ class Engine:
             eos = not r.ignore_eos and self._is_eos(tok)
             if eos or len(r.tokens) >= r.max_new_tokens:
                 self._finish(r)
+                ended = True
+        return ended
 
     def _is_eos(self, tok: int) -> bool:
         e = self.eos_token_id
@@ -386,6 +390,7 @@ class Engine:
         if r.finished:
             return
         r.error = error
+        r.finished = True
         r.done.set()
         if r.on_finish:
             r.on_finish(r)
