@@ -6,6 +6,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import pytest
 from conftest import run_pass
@@ -13,6 +14,7 @@ from conftest import run_pass
 from recipec.onnx import artifact
 from recipec.passes.base import PassError
 from recipec.passes.onnx.verify import verify_variant
+from recipec.runtime.lm import load
 
 LEVELS = ("basic", "extended", "all")
 # What "reaching the builder's level" means per family: attention with its KV cache in one op, rotary
@@ -94,10 +96,6 @@ def test_artifact_describes_the_fused_graph(fused, exported):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_the_kept_logits_are_one_slice_selecting_what_the_exported_graph_selects(family, fused, exported):
-    import numpy as np
-
-    from recipec.runtime.lm import load
-
     variant, metrics = fused(family)
     assert metrics["rewrites"]["kept_logits_slices"] == 1
     graph = onnx.load(str(variant / "model.onnx"), load_external_data=False).graph

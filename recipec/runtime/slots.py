@@ -108,8 +108,7 @@ class SlotLM:
             batch.slots.append(slot)  # the batch holds it from here, so the next prompt gets another
             self._reserve(len(prompt) + 1)
             ids = np.asarray(prompt, np.int64)[None, :]
-            mask = np.ones_like(ids)
-            rows.append(self._step("prefill", slot, slot + 1, ids, mask, np.arange(ids.shape[1])[None, :])[0].copy())
+            rows.append(self._step("prefill", slot, slot + 1, ids, np.arange(ids.shape[1])[None, :])[0].copy())
             self.lengths[slot] = len(prompt)
         return np.stack(rows), batch
 
@@ -131,10 +130,7 @@ class SlotLM:
             feed.bind(self._binding("decode", self.lm.session, feed.low, feed.high), self.lm._info["decode"],
                       self._keep_value(1))
             self._fed = feed
-        if feed.one:
-            feed.binding.bind_ortvalue_input("attention_mask", self._one_row_mask(width))
-        else:
-            feed.binding.bind_cpu_input("attention_mask", self._mask(feed.lengths, width))
+        self._bind_mask(feed.binding, feed.lengths, width)
         self._run(self.lm.session, feed.binding)
         feed.advance()
         return (feed.last.copy() if feed.whole_span else feed.last[feed.rows]), batch
@@ -156,8 +152,7 @@ class SlotLM:
         ids = np.full((high - low, width), self.lm.pad_token_id, np.int64)
         ids[rows] = tokens
         positions = self.lengths[low:high, None] + np.arange(width)[None, :]
-        last = positions[:, -1]
-        logits = self._step("decode", low, high, ids, self._mask(last, int(last.max()) + 1), positions, keep=width)
+        logits = self._step("decode", low, high, ids, positions, keep=width)
         self.lengths[batch.slots] += width
         return logits[rows]
 
@@ -215,8 +210,8 @@ class SlotLM:
 
     # --- one session run --------------------------------------------------------------------------------
 
-    def _step(self, phase: str, low: int, high: int, ids: np.ndarray, mask: np.ndarray,
-              positions: np.ndarray, keep: int = 1) -> np.ndarray:
+    def _step(self, phase: str, low: int, high: int, ids: np.ndarray, positions: np.ndarray,
+              keep: int = 1) -> np.ndarray:
         """Logits of the last `keep` positions: [rows, V] for one, else [rows, keep, V]. The next step of the
         phase may write over them (see _logits_buffer): copy what you keep."""
         sess = self.lm.prefill_session if phase == "prefill" else self.lm.session
@@ -225,7 +220,8 @@ class SlotLM:
         if phase == "decode":
             self._fed = None  # the inputs bound here (verify's) replace a decode feed's
         binding.bind_cpu_input("input_ids", ids)
-        binding.bind_cpu_input("attention_mask", mask)
+        last = positions[:, -1]
+        self._bind_mask(binding, last, int(last.max()) + 1)
         if info.position_ids:
             binding.bind_cpu_input("position_ids", positions.astype(np.int64))
         if info.select_logits:
@@ -259,17 +255,16 @@ class SlotLM:
         sess.run_with_iobinding(binding)
         self.session_seconds = time.perf_counter() - started
 
-    def _one_row_mask(self, width: int) -> Any:
+    def _bind_mask(self, binding: Any, last: np.ndarray, width: int) -> None:
+        """attention_mask [rows, width]: ones up to each row's last fed position (width = the longest row's
+        last position + 1). One row's is all ones: an OrtValue over a preallocated row, made once per width."""
+        if last.shape[0] > 1:
+            binding.bind_cpu_input("attention_mask", (self._columns[:width] <= last[:, None]).astype(np.int64))
+            return
         mask = self._one_row_masks.get(width)
         if mask is None:
             mask = self._one_row_masks[width] = _ortvalue(self._ones[:, :width])
-        return mask
-
-    def _mask(self, lengths: np.ndarray, width: int) -> np.ndarray:
-        """[rows, width]: ones up to each row's new token (mask width = the longest row's new length)."""
-        if lengths.shape[0] == 1:
-            return self._ones[:, :width]
-        return (self._columns[:width] <= lengths[:, None]).astype(np.int64)
+        binding.bind_ortvalue_input("attention_mask", mask)
 
     def _logits_buffer(self, phase: str, rows: int, positions: int, binding: Any) -> np.ndarray:
         """A step whose logits output has a known shape writes into an array of ours bound as the output: no
